@@ -1,0 +1,181 @@
+"""Source catalog of the CPIA release: one validated entry per released sub-dataset.
+
+The catalog (conversion/catalog.yaml, installed as `cpia_hf.conversion`) says where each source's files are and
+which metadata every row of that subset carries (organ, disease, stain, field, licence).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from .standard import SCALES
+
+UNKNOWN = "unknown"
+KINDS = ("wsi", "roi")
+FIELDS_OF_STUDY = ("histopathology", "cytopathology")
+ROI_SCALES = ("L", "M", "S")
+LABEL_SOURCES = ("parent",)
+
+# Organ vocabulary of Table I of the CPIA paper, lower case ("Brian" in the table is brain).
+ORGANS: tuple[str, ...] = (
+    "adrenal gland", "bladder", "blood", "bone", "bone marrow", "brain", "breast", "canine cutaneous",
+    "cervix uteri", "colon", "colorectum", "connective tissue", "eye and adnexa", "head and neck", "kidney",
+    "liver", "lung", "lymph", "oral cavity", "ovary", "pancreas", "prostate", "skin", "stomach", "testis",
+    "thyroid", "uterus", "multiple organs",
+)
+
+REQUIRED_TEXT = ("name", "kind", "path", "pattern", "organ", "disease", "stain", "field", "license", "homepage",
+                 "citation")
+OPTIONAL = ("scale", "label_from", "train_pattern", "mpp", "released_names", "expected_images")
+ROI_ONLY = ("scale", "label_from", "train_pattern")
+WSI_ONLY = ("mpp",)
+
+
+class CatalogError(ValueError):
+    """A catalog that does not follow the schema; the message names the file, the entry and the problem."""
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One released sub-dataset: where its source files are and the metadata of its rows."""
+
+    name: str
+    kind: str
+    path: str
+    pattern: str
+    organ: str
+    disease: str
+    stain: str
+    field: str
+    license: str
+    homepage: str
+    citation: str
+    scale: str | None = None  # ROI only: the release scale (L, M or S) of every image
+    label_from: str | None = None  # ROI only: "parent" = class is the parent folder name
+    train_pattern: str | None = None  # ROI only: the training split's files (CPIA-Mini keeps only these)
+    mpp: float | None = None  # WSI only: um/px to use when the slides carry none
+    released_names: dict[str, str] = dataclasses.field(default_factory=dict)  # scale -> released folder name
+    expected_images: dict[str, int] = dataclasses.field(default_factory=dict)  # scale -> released image count
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping in catalog.yaml form (unset optional fields left out), loadable again."""
+        values = dataclasses.asdict(self)
+        return {key: value for key, value in values.items() if value is not None and value != {}}
+
+
+def subset_slug(name: str) -> str:
+    """Folder-safe form of a subset name: keep [A-Za-z0-9._-], replace every other run with `_`."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def default_catalog_path() -> Path:
+    """The catalog shipped with the package (conversion/catalog.yaml)."""
+    return Path(str(importlib.resources.files("cpia_hf.conversion") / "catalog.yaml"))
+
+
+def load_catalog(path: str | Path) -> list[CatalogEntry]:
+    """Read and validate a catalog file; raise CatalogError naming the file, entry and problem."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise CatalogError(f"{path}: cannot read catalog: {error}") from error
+    if not isinstance(document, dict):
+        raise CatalogError(f"{path}: expected a mapping with keys version, source_root_note, entries")
+    extra = set(document) - {"version", "source_root_note", "entries"}
+    if extra:
+        raise CatalogError(f"{path}: unknown top-level key(s) {sorted(extra)}")
+    if document.get("version") != 1:
+        raise CatalogError(f"{path}: unsupported version {document.get('version')!r} (expected 1)")
+    if not isinstance(document.get("source_root_note", ""), str):
+        raise CatalogError(f"{path}: source_root_note must be a string")
+    raw_entries = document.get("entries")
+    if not isinstance(raw_entries, list) or not raw_entries:
+        raise CatalogError(f"{path}: entries must be a non-empty list")
+
+    entries: list[CatalogEntry] = []
+    slugs: dict[str, str] = {}
+    for index, raw in enumerate(raw_entries):
+        name = raw.get("name") if isinstance(raw, dict) else None
+        where = f"{path}: entry {index} ({name!r})"
+        try:
+            entry = _validate_entry(raw)
+        except ValueError as error:
+            raise CatalogError(f"{where}: {error}") from None
+        slug = subset_slug(entry.name).lower()  # folders must differ on case-insensitive file systems too
+        if slug in slugs:
+            what = "duplicate name" if slugs[slug] == entry.name else f"folder name clashes with {slugs[slug]!r}"
+            raise CatalogError(f"{where}: {what}")
+        slugs[slug] = entry.name
+        entries.append(entry)
+    return entries
+
+
+# A small explicit validator rather than jsonschema: it is not a dependency, and the cross-field rules
+# (ROI-only keys, per-scale counts, vocabulary) read more plainly as code.
+def _validate_entry(raw: Any) -> CatalogEntry:
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected a mapping, got {type(raw).__name__}")
+    unknown = set(raw) - set(REQUIRED_TEXT) - set(OPTIONAL)
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)}")
+    missing = [key for key in REQUIRED_TEXT if key not in raw]
+    if missing:
+        raise ValueError(f"missing field(s) {missing}")
+    for key in REQUIRED_TEXT + ("scale", "label_from", "train_pattern"):
+        if key in raw and not (isinstance(raw[key], str) and raw[key].strip()):
+            raise ValueError(f"{key} must be a non-empty string, got {raw[key]!r}")
+
+    if subset_slug(raw["name"]) in (".", ".."):
+        raise ValueError(f"name {raw['name']!r} gives no usable folder name")
+    kind = raw["kind"]
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+    if raw["organ"] not in ORGANS + (UNKNOWN,):
+        raise ValueError(f"organ {raw['organ']!r} is not in the organ vocabulary (cpia_hf.catalog.ORGANS)")
+    if raw["field"] not in FIELDS_OF_STUDY:
+        raise ValueError(f"field {raw['field']!r} is not one of {FIELDS_OF_STUDY}")
+    if raw["homepage"] != UNKNOWN and not raw["homepage"].startswith(("https://", "http://")):
+        raise ValueError(f"homepage {raw['homepage']!r} is neither a URL nor {UNKNOWN!r}")
+    for key in ("path", "pattern", "train_pattern"):
+        if key in raw and (raw[key].startswith("/") or ".." in PurePosixPath(raw[key]).parts):
+            raise ValueError(f"{key} {raw[key]!r} must be relative and stay inside the source root")
+
+    misplaced = [key for key in (ROI_ONLY if kind == "wsi" else WSI_ONLY) if key in raw]
+    if misplaced:
+        raise ValueError(f"{misplaced} not allowed for a {kind} entry")
+    if kind == "roi" and raw.get("scale") not in ROI_SCALES:
+        raise ValueError(f"an roi entry needs scale in {ROI_SCALES}, got {raw.get('scale')!r}")
+    if "label_from" in raw and raw["label_from"] not in LABEL_SOURCES:
+        raise ValueError(f"label_from {raw['label_from']!r} is not one of {LABEL_SOURCES}")
+    mpp = raw.get("mpp")
+    if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float))
+                            or not math.isfinite(mpp) or mpp <= 0):
+        raise ValueError(f"mpp must be a positive number of um/px, got {mpp!r}")
+
+    allowed_scales = SCALES if kind == "wsi" else (raw["scale"],)
+    released_names = _per_scale(raw, "released_names", allowed_scales, str)
+    expected_images = _per_scale(raw, "expected_images", allowed_scales, int)
+    return CatalogEntry(**{**raw, "mpp": None if mpp is None else float(mpp),
+                           "released_names": released_names, "expected_images": expected_images})
+
+
+def _per_scale(raw: dict, key: str, allowed_scales: tuple[str, ...], value_type: type) -> dict:
+    values = raw.get(key, {})
+    if not isinstance(values, dict):
+        raise ValueError(f"{key} must be a mapping scale -> value, got {values!r}")
+    for scale, value in values.items():
+        if scale not in allowed_scales:
+            raise ValueError(f"{key} has scale {scale!r}; allowed here: {allowed_scales}")
+        if value_type is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{key}[{scale}] must be a non-negative integer, got {value!r}")
+        if value_type is str and not (isinstance(value, str) and value):
+            raise ValueError(f"{key}[{scale}] must be a non-empty string, got {value!r}")
+    return dict(values)

@@ -1,0 +1,262 @@
+"""Export a pre-trained ViT encoder as one Hub model repo that timm and transformers both load.
+
+Layout, following how published pathology encoders are packaged (UNI, Virchow, H-optimus: timm
+weights and config at the repo root; Phikon: a transformers ``ViTModel``):
+
+    config.json, model.safetensors   timm layout: ``timm.create_model("hf-hub:<id>", pretrained=True)``;
+                                     also ``transformers.AutoModel.from_pretrained("<id>")``, which maps
+                                     a config holding ``pretrained_cfg`` to ``TimmWrapperModel``
+    vit/                             native ``ViTModel``: ``ViTModel.from_pretrained("<id>", subfolder="vit")``
+      config.json, model.safetensors, preprocessor_config.json
+    README.md, loss_curve.png        model card (cpia_hf.model_card)
+
+timm only reads the repo root, transformers also reads a subfolder, hence timm at the root. The
+encoder must be a plain ViT (class token, final norm, no fc_norm, LayerScale or registers) so the
+``ViTModel`` conversion is lossless; the image feature is the class token,
+``last_hidden_state[:, 0]`` (the ``vit/`` folder holds no pooler).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.layers import Mlp
+from timm.models import VisionTransformer, save_for_hf
+from timm.models.vision_transformer import Block
+from torch import nn
+from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+from .hub import push_folder
+from .model_card import LOSS_CURVE_NAME, write_model_card
+
+VIT_SUBFOLDER = "vit"
+
+
+def check_plain_vit(backbone: VisionTransformer) -> None:
+    """Raise ValueError naming every part of ``backbone`` that ``ViTModel`` cannot represent."""
+    problems = []
+    if backbone.cls_token is None:
+        problems.append("no class token")
+    if backbone.num_reg_tokens:
+        problems.append(f"{backbone.num_reg_tokens} register tokens")
+    if backbone.pos_embed is None or backbone.no_embed_class:
+        problems.append("position embedding does not cover the class token")
+    if backbone.num_classes:
+        problems.append(f"a {backbone.num_classes}-class head (create it with num_classes=0)")
+    if not isinstance(backbone.fc_norm, nn.Identity):
+        problems.append("fc_norm")
+    if not isinstance(backbone.norm, nn.LayerNorm):
+        problems.append(f"final norm {type(backbone.norm).__name__}")
+    if not isinstance(backbone.norm_pre, nn.Identity) or not isinstance(backbone.patch_embed.norm, nn.Identity):
+        problems.append("pre-norm")
+    if backbone.patch_embed.proj.bias is None:
+        problems.append("patch embedding without bias")
+    for index, block in enumerate(backbone.blocks):
+        where = f"block {index}"
+        if type(block) is not Block:
+            problems.append(f"{where} is {type(block).__name__}")
+            continue
+        if not (isinstance(block.ls1, nn.Identity) and isinstance(block.ls2, nn.Identity)):
+            problems.append(f"{where} LayerScale")
+        attn = block.attn
+        if attn.qkv.bias is None:
+            problems.append(f"{where} qkv without bias")
+        if not all(isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm)):
+            problems.append(f"{where} attention norms")
+        mlp = block.mlp
+        if type(mlp) is not Mlp or not isinstance(mlp.norm, nn.Identity):
+            problems.append(f"{where} MLP {type(mlp).__name__}")
+        elif not (isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"):
+            problems.append(f"{where} activation {mlp.act}")
+    if problems:
+        raise ValueError("encoder is not a plain ViT, cannot export it losslessly: " + "; ".join(problems))
+
+
+def vit_config_from_timm(backbone: VisionTransformer) -> ViTConfig:
+    """``ViTConfig`` of the same shape; layer_norm_eps from the model (timm 1e-6, ViTConfig default 1e-12)."""
+    block = backbone.blocks[0]
+    return ViTConfig(
+        hidden_size=backbone.embed_dim,
+        num_hidden_layers=len(backbone.blocks),
+        num_attention_heads=block.attn.num_heads,
+        intermediate_size=block.mlp.fc1.out_features,
+        hidden_act="gelu",
+        image_size=backbone.patch_embed.img_size[0],
+        patch_size=backbone.patch_embed.patch_size[0],
+        num_channels=backbone.patch_embed.proj.in_channels,
+        layer_norm_eps=backbone.norm.eps,
+        qkv_bias=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def timm_to_vit_state_dict(backbone: VisionTransformer) -> dict[str, torch.Tensor]:
+    """Rename timm ViT weights to ``ViTModel`` (no pooler); the fused qkv is split into q, k, v."""
+    source = {k: v.detach() for k, v in backbone.state_dict().items()}
+    target = {
+        "embeddings.cls_token": source["cls_token"],
+        "embeddings.position_embeddings": source["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": source["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.projection.bias": source["patch_embed.proj.bias"],
+        "layernorm.weight": source["norm.weight"],
+        "layernorm.bias": source["norm.bias"],
+    }
+    for index in range(len(backbone.blocks)):
+        src, dst = f"blocks.{index}.", f"layers.{index}."
+        for part in ("weight", "bias"):
+            q, k, v = source[f"{src}attn.qkv.{part}"].chunk(3, dim=0)
+            target[f"{dst}attention.q_proj.{part}"] = q
+            target[f"{dst}attention.k_proj.{part}"] = k
+            target[f"{dst}attention.v_proj.{part}"] = v
+            target[f"{dst}attention.o_proj.{part}"] = source[f"{src}attn.proj.{part}"]
+            target[f"{dst}layernorm_before.{part}"] = source[f"{src}norm1.{part}"]
+            target[f"{dst}layernorm_after.{part}"] = source[f"{src}norm2.{part}"]
+            target[f"{dst}mlp.fc1.{part}"] = source[f"{src}mlp.fc1.{part}"]
+            target[f"{dst}mlp.fc2.{part}"] = source[f"{src}mlp.fc2.{part}"]
+    return {k: v.clone().contiguous() for k, v in target.items()}
+
+
+def data_config(backbone: VisionTransformer, card_context: dict) -> dict:
+    """Eval preprocessing: the training normalisation (card_context mean/std, else the model's) at native size.
+
+    crop_pct 1.0 makes timm's resize + centre crop equal to ``ViTImageProcessor``'s plain resize on
+    square tiles, so both layouts see the same pixels.
+    """
+    return {
+        "input_size": (backbone.patch_embed.proj.in_channels, *backbone.patch_embed.img_size),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": tuple(card_context.get("mean", backbone.pretrained_cfg["mean"])),
+        "std": tuple(card_context.get("std", backbone.pretrained_cfg["std"])),
+    }
+
+
+def save_timm_layout(backbone: VisionTransformer, out_dir: Path, data_cfg: dict, *, model_name: str,
+                     license_id: str) -> None:
+    """timm's own ``save_for_hf``, then drop ``model_args.num_classes``.
+
+    transformers' TimmWrapper passes num_classes itself, so keeping it in model_args fails with
+    "multiple values for keyword argument 'num_classes'"; timm still reads the top-level num_classes.
+    """
+    save_for_hf(
+        backbone, out_dir, safe_serialization=True, data_config=data_cfg,
+        model_config={"pretrained_cfg": {"tag": model_name, "license": license_id}},
+    )
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config.get("model_args", {}).pop("num_classes", None)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_vit_layout(backbone: VisionTransformer, out_dir: Path, data_cfg: dict) -> None:
+    """``ViTModel`` (no pooler) and its ``ViTImageProcessor`` in ``out_dir``."""
+    model = ViTModel(vit_config_from_timm(backbone), add_pooling_layer=False)
+    model.load_state_dict(timm_to_vit_state_dict(backbone), strict=True)
+    model.save_pretrained(out_dir)
+    height, width = data_cfg["input_size"][1:]
+    ViTImageProcessor(
+        do_resize=True, size={"height": height, "width": width}, resample=3,  # PIL bicubic, as timm
+        image_mean=list(data_cfg["mean"]), image_std=list(data_cfg["std"]),
+    ).save_pretrained(out_dir)
+
+
+def export_encoder(backbone: VisionTransformer, out_dir: Path, *, model_name: str,
+                   card_context: dict) -> dict[str, Path]:
+    """Write the Hub-ready repo folder for ``backbone``; returns the paths of its parts.
+
+    ``model_name`` names the model on its card; ``card_context`` is what the training run
+    recorded (see ``cpia_hf.model_card``), with optional ``mean``/``std`` of its normalisation.
+    """
+    check_plain_vit(backbone)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_cfg = data_config(backbone, card_context)
+    save_timm_layout(backbone, out_dir, data_cfg, model_name=model_name,
+                     license_id=card_context.get("license", "other"))
+    save_vit_layout(backbone, out_dir / VIT_SUBFOLDER, data_cfg)
+    card_context = {
+        **card_context,
+        "model_name": model_name,
+        "architecture": backbone.pretrained_cfg["architecture"],
+        "num_features": backbone.num_features,
+        "image_size": list(data_cfg["input_size"][1:]),
+        "mean": list(data_cfg["mean"]),
+        "std": list(data_cfg["std"]),
+    }
+    card = write_model_card(out_dir, card_context, repo_id=card_context.get("repo_id"))
+    paths = {
+        "root": out_dir,
+        "timm_config": out_dir / "config.json",
+        "timm_weights": out_dir / "model.safetensors",
+        "vit": out_dir / VIT_SUBFOLDER,
+        "card": card,
+    }
+    if card_context.get("loss_history"):
+        paths["loss_curve"] = out_dir / LOSS_CURVE_NAME
+    return paths
+
+
+def backbone_from_weights(weights: Path, model: str, model_args: dict | None = None) -> VisionTransformer:
+    """timm ``model`` without head (``model_args`` override its defaults) holding a safetensors state dict."""
+    if not Path(weights).is_file():
+        raise FileNotFoundError(f"{weights}: weights file not found")
+    state_dict = load_file(weights)
+    backbone = timm.create_model(model, pretrained=False, **{"num_classes": 0, "global_pool": "token",
+                                                             **(model_args or {})})
+    try:
+        backbone.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{weights}: does not fit timm model {model!r} {model_args or ''}: {error}") from error
+    return backbone
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="training checkpoint folder (cpia train)")
+    source.add_argument("--weights", type=Path, help="safetensors state dict of a timm ViT")
+    parser.add_argument("--model", required=True,
+                        help="timm architecture, e.g. vit_base_patch16_224 (checked against a checkpoint)")
+    parser.add_argument("--model-args", type=json.loads, default={},
+                        help='JSON of timm model arguments for --weights, e.g. \'{"img_size": 384}\'')
+    parser.add_argument("--out", type=Path, required=True, help="output repo folder")
+    parser.add_argument("--name", help="model name on the card (default: repo id or output folder name)")
+    parser.add_argument("--card-context", type=Path,
+                        help="JSON of the training run for the card (default: <checkpoint>/card_context.json)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this model repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.checkpoint is not None:
+        from .train.trainer import load_backbone_from_checkpoint  # training stack only when needed
+
+        backbone = load_backbone_from_checkpoint(args.checkpoint)
+        architecture = backbone.pretrained_cfg["architecture"]
+        if architecture != args.model:
+            raise ValueError(f"{args.checkpoint}: holds a {architecture}, not {args.model}")
+    else:
+        backbone = backbone_from_weights(args.weights, args.model, args.model_args)
+    card_context = {}
+    if args.card_context is not None:
+        if not args.card_context.is_file():
+            raise FileNotFoundError(f"{args.card_context}: card context file not found")
+        card_context = json.loads(args.card_context.read_text())
+    elif args.checkpoint is not None and (args.checkpoint / "card_context.json").is_file():
+        card_context = json.loads((args.checkpoint / "card_context.json").read_text())
+    if args.push_to_hub:
+        card_context["repo_id"] = args.push_to_hub
+    model_name = args.name or (args.push_to_hub.split("/")[-1] if args.push_to_hub else args.out.name)
+    paths = export_encoder(backbone, args.out, model_name=model_name, card_context=card_context)
+    print(f"exported {model_name} to {paths['root']}")
+    if args.push_to_hub:
+        url = push_folder(args.out, args.push_to_hub, repo_type="model", private=args.private,
+                          commit_message=f"Upload {model_name}", endpoint=args.endpoint)
+        print(f"pushed to {url}")
+    return 0

@@ -1,0 +1,156 @@
+"""CPIA-Mini: a category-balanced, seeded selection of grid cells with every image resized to 384x384.
+
+Selection rule (documented in the card):
+1. A WSI *cell* is one XL position of one slide (whether or not the XL tile itself exists: cells at
+   slide borders and in biopsies smaller than an XL tile count too).
+2. Budget: `fraction` of all cells (default 4 %, what the release's 3.38M images imply), at least
+   one per WSI subset.
+3. Balance: the budget is shared equally between organs, then equally between the subsets of an
+   organ, capped by what each has; what a capped group cannot use is shared again (water-filling).
+4. Within a subset, cells are taken in the order of a seeded hash of their name; per chosen cell:
+   the XL tile, its 16 L tiles, 32 of its M tiles (seeded hash order) and the S crop of each chosen
+   M tile (XL:L:M:S = 1:16:32:32).
+5. ROI sources: unlabelled ones whole; labelled ones (class from folder or a known split) only
+   their training split, so downstream evaluation never sees pre-training images.
+"""
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from .catalog import CatalogEntry
+from .imageio import encode_jpeg
+from .standard import MINI_SIDE, SCALE_SIDES, STANDARD_MPP, stable_unit_float
+
+DEFAULT_MINI_FRACTION = 0.04
+M_PER_CELL = 32
+CELL_DIVISOR = {"XL": 1, "L": 4, "M": 10, "S": 40}
+
+TileKey = tuple[str, str, int, int]  # source_file, scale, x index, y index
+
+
+def water_fill(capacity: dict[str, int], budget: int) -> dict[str, int]:
+    """Share `budget` as equally as possible between keys, none above its capacity (sorted-key order for ties)."""
+    share = {key: 0 for key in capacity}
+    open_keys = sorted(k for k, c in capacity.items() if c > 0)
+    remaining = min(budget, sum(capacity.values()))
+    while remaining > 0 and open_keys:
+        each = max(1, remaining // len(open_keys))
+        for key in list(open_keys):
+            give = min(each, capacity[key] - share[key], remaining)
+            share[key] += give
+            remaining -= give
+            if share[key] == capacity[key]:
+                open_keys.remove(key)
+            if remaining == 0:
+                break
+    return share
+
+
+def cell_quota(cells_per_subset: dict[str, int], organ_of: dict[str, str], fraction: float) -> dict[str, int]:
+    """Cells to take per WSI subset: organ-balanced, then subset-balanced, at least one per subset."""
+    present = {s: n for s, n in cells_per_subset.items() if n > 0}
+    budget = max(len(present), round(fraction * sum(present.values())))
+    organ_capacity: dict[str, int] = defaultdict(int)
+    for subset, n in present.items():
+        organ_capacity[organ_of[subset]] += n
+    quota = {}
+    for organ, organ_budget in water_fill(dict(organ_capacity), budget).items():
+        members = {s: n for s, n in present.items() if organ_of[s] == organ}
+        quota.update(water_fill(members, max(organ_budget, len(members))))
+    return quota
+
+
+def read_tile_index(unit_files: list[Path]) -> list[TileKey]:
+    """(source_file, scale, x, y) of every row of the given unit files, without reading pixels."""
+    keys: list[TileKey] = []
+    for path in unit_files:
+        table = pq.read_table(path, columns=["source_file", "scale", "_ix", "_iy"])
+        keys.extend(zip(*(table.column(c).to_pylist() for c in table.column_names)))
+    return keys
+
+
+def cell_of(key: TileKey) -> tuple[str, int, int]:
+    source, scale, x, y = key
+    divisor = CELL_DIVISOR[scale]
+    return source, x // divisor, y // divisor
+
+
+def select_wsi_tiles(keys: list[TileKey], subset: str, n_cells: int, seed: int) -> set[TileKey]:
+    """The mini tiles of one WSI subset: `n_cells` seeded cells, and per cell XL, L, 32 M and their S."""
+    cells = sorted({cell_of(k) for k in keys}, key=lambda c: stable_unit_float(seed, subset, *c))
+    chosen_cells = set(cells[:n_cells])
+    m_tiles = defaultdict(list)
+    for key in keys:
+        if key[1] == "M" and cell_of(key) in chosen_cells:
+            m_tiles[cell_of(key)].append(key)
+    chosen_m = set()
+    for cell_m in m_tiles.values():
+        chosen_m.update(sorted(cell_m, key=lambda k: stable_unit_float(seed, subset, *k))[:M_PER_CELL])
+    selected = set(chosen_m)
+    for key in keys:
+        source, scale, x, y = key
+        if scale in ("XL", "L") and cell_of(key) in chosen_cells:
+            selected.add(key)
+        elif scale == "S" and (source, "M", x // 4, y // 4) in chosen_m:
+            selected.add(key)
+    return selected
+
+
+def mini_cells(
+    entries: list[CatalogEntry], unit_files: dict[str, list[Path]], fraction: float
+) -> dict[str, int]:
+    """Cells per WSI subset (name -> count) for the given unit files."""
+    cells = {
+        e.name: len({cell_of(k) for k in read_tile_index(unit_files.get(e.name, []))}) for e in entries if e.kind == "wsi"
+    }
+    return cell_quota(cells, {e.name: e.organ for e in entries}, fraction)
+
+
+def resize_image_bytes(data: bytes, side: int, quality: int) -> bytes:
+    """Decode a stored JPEG, resize it to side x side (DCT downscale first when large), re-encode."""
+    image = Image.open(io.BytesIO(data))
+    if image.size == (side, side):
+        return data
+    image.draft("RGB", (side, side))
+    return encode_jpeg(image.convert("RGB").resize((side, side), Image.Resampling.LANCZOS), quality)
+
+
+def wsi_transform(selected: set[TileKey], quality: int):
+    """Row transform for packing: keep the selected WSI tiles, resized to MINI_SIDE."""
+
+    def transform(table: pa.Table) -> pa.Table:
+        columns = ["source_file", "scale", "_ix", "_iy"]
+        keys = zip(*(table.column(c).to_pylist() for c in columns))
+        table = table.filter(pa.array([k in selected for k in keys], pa.bool_()))
+        return _resized(table, quality)
+
+    return transform
+
+
+def roi_transform(entry: CatalogEntry, quality: int):
+    """Row transform for packing: unlabelled ROI sources whole, labelled ones their training split only."""
+    labelled = entry.label_from is not None or entry.train_pattern is not None
+
+    def transform(table: pa.Table) -> pa.Table:
+        if labelled:
+            table = table.filter(table.column("_train"))
+        return _resized(table, quality)
+
+    return transform
+
+
+def _resized(table: pa.Table, quality: int) -> pa.Table:
+    images = table.column("image").to_pylist()
+    resized = [{"bytes": resize_image_bytes(img["bytes"], MINI_SIDE, quality), "path": None} for img in images]
+    scales = table.column("scale").to_pylist()
+    kinds = table.column("kind").to_pylist()
+    mpp = [STANDARD_MPP * SCALE_SIDES[s] / MINI_SIDE if k == "wsi" else None for s, k in zip(scales, kinds)]
+    image_field = table.schema.field("image")
+    table = table.set_column(table.schema.get_field_index("image"), image_field, pa.array(resized, image_field.type))
+    return table.set_column(table.schema.get_field_index("mpp"), table.schema.field("mpp"), [pa.array(mpp, pa.float64())])

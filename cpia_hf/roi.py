@@ -1,0 +1,84 @@
+"""ROI conversion: largest centred square, resized to 384x384, any Pillow-readable image as RGB."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .standard import ROI_SIDE
+
+DEFAULT_MAX_PIXELS = 1 << 30  # ROI sources include gigapixel-free but large images (e.g. 40k x 20k)
+
+
+class RoiError(Exception):
+    """An ROI file that cannot be converted; str() names the file and the reason."""
+
+    def __init__(self, path: Path | str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass
+class RoiImage:
+    pixels: np.ndarray  # ROI_SIDE x ROI_SIDE x 3 uint8
+    x: float  # the centred square, in source pixels
+    y: float
+    side: float
+    source_width: int
+    source_height: int
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB view of any Pillow mode: alpha over white, palette expanded, 16/32-bit scaled to 8 bits."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image)
+        if image.mode == "F":
+            top = float(values.max()) if values.size else 1.0
+            values = values / (top if top > 0 else 1.0) * 255.0
+        else:
+            # Pillow's own I;16 -> L conversion clips at 255; scale the 16-bit range instead.
+            values = values.astype(np.float64) / 257.0
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def convert_roi(path: Path, *, side: int = ROI_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS) -> RoiImage:
+    """Read an ROI image, crop the largest centred square and resize it to `side` x `side`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
+            image = Image.open(path)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise RoiError(path, f"decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+        if width < 1 or height < 1:
+            raise RoiError(path, f"empty image ({width}x{height})")
+        square = min(width, height)
+        if image.format == "JPEG":
+            # DCT-domain downscaling: decode at the smallest scale that still covers the output.
+            image.draft("RGB", (-(-width * side // square), -(-height * side // square)))
+        scale = width / image.size[0]
+        image.load()
+    except RoiError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise RoiError(path, f"decompression bomb: {error}") from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise RoiError(path, f"unreadable image: {error}") from error
+    x0 = (width - square) / 2
+    y0 = (height - square) / 2
+    box = (x0 / scale, y0 / scale, (x0 + square) / scale, (y0 + square) / scale)
+    rgb = to_rgb(image)
+    resized = rgb.resize((side, side), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    return RoiImage(np.asarray(resized), x0, y0, float(square), width, height)

@@ -1,0 +1,249 @@
+"""Per-source work units: discovery, fingerprints and conversion of one unit to a cached Parquet file.
+
+A unit is one slide (WSI) or one chunk of ROI files of a sub-dataset. Each unit is converted on
+its own into `<work>/units/<subset>/<unit>.parquet` plus a `.json` record (fingerprint, row count,
+failures), both written atomically; a rerun skips units whose record matches, so a crash loses at
+most the units in flight and a cluster executor can hand units to different machines.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .catalog import CatalogEntry, subset_slug
+from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
+from .roi import DEFAULT_MAX_PIXELS, RoiError, convert_roi
+from .schema import FEATURES
+from .standard import STANDARD_MPP
+
+ROW_GROUP_BYTES = 64 * 1024 * 1024
+ROI_CHUNK_FILES = 2000
+# Internal columns of unit files: grid indices of a WSI tile at its own scale, and whether a ROI
+# belongs to its source's training split. They are dropped when shards are packed.
+UNIT_SCHEMA = FEATURES.arrow_schema.append(pa.field("_ix", pa.int32())).append(pa.field("_iy", pa.int32())).append(
+    pa.field("_train", pa.bool_())
+)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything besides the sources that changes what a unit produces."""
+
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
+    tissue_rule: str = "release"
+    min_tissue_fraction: float = 0.25
+    s_per_m: int = 1
+    seed: int = 0
+    max_roi_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class Unit:
+    entry: CatalogEntry
+    unit_id: str
+    files: tuple[str, ...]  # posix paths relative to the source root
+
+    @property
+    def key(self) -> str:
+        return f"{subset_slug(self.entry.name)}/{self.unit_id}"
+
+
+@dataclass
+class UnitResult:
+    key: str
+    rows: int
+    failures: list[dict]
+    skipped: bool = False
+
+
+def discover_units(entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_CHUNK_FILES) -> list[Unit]:
+    """The units of one catalog entry, in a stable order (sorted relative paths)."""
+    folder = source_root / entry.path
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: source folder of '{entry.name}' not found")
+    files = sorted(p.relative_to(source_root).as_posix() for p in folder.glob(entry.pattern) if p.is_file())
+    if entry.kind == "wsi":
+        return [Unit(entry, _wsi_unit_id(Path(f).relative_to(entry.path)), (f,)) for f in files]
+    return [
+        Unit(entry, f"roi-{k // roi_chunk:05d}", tuple(files[k : k + roi_chunk])) for k in range(0, len(files), roi_chunk)
+    ]
+
+
+def _wsi_unit_id(relative: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", relative.with_suffix("").as_posix().replace("/", "__"))
+
+
+def slide_stem(file: str) -> str:
+    """Slide name used by the naming rule: the file name up to its first dot (TCGA `<barcode>.<uuid>.svs`)."""
+    return Path(file).name.split(".")[0]
+
+
+def fingerprint(unit: Unit, source_root: Path, options: ConvertOptions) -> str:
+    """Hash of what determines a unit's output: catalog entry, options, code version, file sizes and times."""
+    stats = []
+    for f in unit.files:
+        try:
+            st = (source_root / f).stat()
+            stats.append((f, st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((f, None, None))
+    payload = json.dumps(
+        [__version__, unit.entry.to_dict(), asdict(options), unit.unit_id, stats], sort_keys=True, default=str
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def unit_paths(work_dir: Path, unit: Unit) -> tuple[Path, Path]:
+    base = work_dir / "units" / unit.key
+    return base.with_suffix(".parquet"), base.with_suffix(".json")
+
+
+def read_record(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write then rename, so a reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def convert_unit(unit: Unit, source_root: Path, work_dir: Path, options: ConvertOptions) -> UnitResult:
+    """Convert one unit unless its cached record matches; returns rows written and failures."""
+    parquet_path, record_path = unit_paths(work_dir, unit)
+    fp = fingerprint(unit, source_root, options)
+    record = read_record(record_path)
+    if record and record.get("fingerprint") == fp and parquet_path.exists():
+        return UnitResult(unit.key, record["rows"], record["failures"], skipped=True)
+    failures: list[dict] = []
+    rows = _unit_rows(unit, source_root, options, failures)
+    count = _write_unit_parquet(parquet_path, rows)
+    write_atomic(record_path, json.dumps({"fingerprint": fp, "rows": count, "failures": failures}, indent=1).encode())
+    return UnitResult(unit.key, count, failures)
+
+
+def _write_unit_parquet(path: Path, rows: Iterator[dict]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    count = 0
+    with pq.ParquetWriter(tmp, UNIT_SCHEMA) as writer:
+        batch: list[dict] = []
+        batch_bytes = 0
+        for row in rows:
+            batch.append(row)
+            batch_bytes += len(row["image"]["bytes"])
+            if batch_bytes >= ROW_GROUP_BYTES:
+                writer.write_table(pa.Table.from_pylist(batch, schema=UNIT_SCHEMA))
+                count += len(batch)
+                batch, batch_bytes = [], 0
+        if batch or count == 0:
+            writer.write_table(pa.Table.from_pylist(batch, schema=UNIT_SCHEMA))
+            count += len(batch)
+    os.replace(tmp, path)
+    return count
+
+
+def _metadata(entry: CatalogEntry) -> dict:
+    return {
+        "subset": entry.name,
+        "kind": entry.kind,
+        "organ": entry.organ,
+        "disease": entry.disease,
+        "stain": entry.stain,
+        "field": entry.field,
+        "license": entry.license,
+    }
+
+
+def _unit_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: list[dict]) -> Iterator[dict]:
+    if unit.entry.kind == "wsi":
+        yield from _wsi_rows(unit, source_root, options, failures)
+    else:
+        yield from _roi_rows(unit, source_root, options, failures)
+
+
+def _wsi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: list[dict]) -> Iterator[dict]:
+    from .tissue import TissueRule  # slide readers load only where slides are converted
+    from .wsi import SlideError, iter_slide_tiles
+
+    (file,) = unit.files
+    meta = _metadata(unit.entry)
+    rule = TissueRule(name=options.tissue_rule, min_fraction=options.min_tissue_fraction)
+    tiles = iter_slide_tiles(
+        source_root / file,
+        slide_stem=slide_stem(file),
+        mpp_override=unit.entry.mpp,
+        rule=rule,
+        s_per_m=options.s_per_m,
+        seed=options.seed,
+        on_cell_error=lambda reason: failures.append({"file": file, "reason": reason}),
+    )
+    try:
+        for tile in tiles:
+            yield {
+                "image": {"bytes": encode_jpeg(tile.pixels, options.jpeg_quality), "path": None},
+                "image_id": tile.image_id,
+                "scale": tile.scale,
+                "source_file": file,
+                "x": tile.x,
+                "y": tile.y,
+                "width": tile.width,
+                "height": tile.height,
+                "mpp": STANDARD_MPP,
+                "tissue_fraction": tile.tissue_fraction,
+                "label": None,
+                "_ix": tile.x_index,
+                "_iy": tile.y_index,
+                "_train": True,
+                **meta,
+            }
+    except SlideError as error:
+        failures.append({"file": file, "reason": error.reason})
+
+
+def _roi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: list[dict]) -> Iterator[dict]:
+    entry = unit.entry
+    meta = _metadata(entry)
+    train_files = None
+    if entry.train_pattern is not None:
+        train_files = {p.relative_to(source_root).as_posix() for p in (source_root / entry.path).glob(entry.train_pattern)}
+    for file in unit.files:
+        path = source_root / file
+        try:
+            roi = convert_roi(path, max_pixels=options.max_roi_pixels)
+        except RoiError as error:
+            failures.append({"file": file, "reason": error.reason})
+            continue
+        label = path.parent.name if entry.label_from == "parent" else None
+        stem = Path(file).stem
+        yield {
+            "image": {"bytes": encode_jpeg(roi.pixels, options.jpeg_quality), "path": None},
+            "image_id": f"{label}-{stem}" if label else stem,
+            "scale": entry.scale,
+            "source_file": file,
+            "x": roi.x,
+            "y": roi.y,
+            "width": roi.side,
+            "height": roi.side,
+            "mpp": None,
+            "tissue_fraction": None,
+            "label": label,
+            "_ix": -1,
+            "_iy": -1,
+            "_train": train_files is None or file in train_files,
+            **meta,
+        }
