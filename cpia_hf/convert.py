@@ -166,7 +166,10 @@ class _Executor:
         else:
             futures: list[Future] = [self.pool.submit(_call, fn, args) for args in arg_tuples]
             for future in futures:
-                results.append(future.result())
+                try:
+                    results.append(future.result())
+                except Exception as error:  # a worker killed (e.g. out of memory) breaks the pool
+                    results.append(error)
                 bar.update()
         bar.close()
         return results

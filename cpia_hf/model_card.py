@@ -68,20 +68,31 @@ def eval_results(model_name: str, results: list[dict]) -> list[EvalResult]:
             task_type="image-classification", task_name=str(result["task"]),
             dataset_type=str(result["dataset"]), dataset_name=str(result["dataset"]),
             dataset_split=result.get("split"), metric_type=str(result["metric"]),
-            metric_value=result["value"],
+            metric_name=metric_label(result) if result.get("protocol") else None, metric_value=result["value"],
         ))
     return entries
+
+
+def metric_label(result: dict) -> str:
+    """Metric name shown on the Hub for a result of a named protocol (knn, linear, finetune)."""
+    return f"{result['metric']} ({result['protocol']})"
+
+
+def protocol_of(metric_name: str | None) -> str | None:
+    """Inverse of `metric_label` for results read back from a card."""
+    match = re.fullmatch(r".+ \((\w+)\)", metric_name or "")
+    return match.group(1) if match else None
 
 
 def evaluation_table(results: list[dict]) -> str:
     """Markdown table of ``results`` between the markers that ``update_model_card_evaluation`` replaces."""
     if results:
-        rows = ["| Task | Dataset | Split | Metric | Value |", "| --- | --- | --- | --- | --- |"]
+        rows = ["| Task | Dataset | Split | Protocol | Metric | Value |", "| --- | --- | --- | --- | --- | --- |"]
         for result in results:
             value = result["value"]
             shown = f"{value:.4g}" if isinstance(value, float) else str(value)
             rows.append(f"| {result['task']} | {result['dataset']} | {result.get('split', '')} "
-                        f"| {result['metric']} | {shown} |")
+                        f"| {result.get('protocol', '')} | {result['metric']} | {shown} |")
         body = "\n".join(rows)
     else:
         body = "No evaluation recorded yet (`cpia eval`, then `cpia card`)."
@@ -159,7 +170,7 @@ def write_model_card(out_dir: Path, card_context: dict, *, repo_id: str | None =
 def update_model_card_evaluation(card_path: Path, results: list[dict]) -> None:
     """Fold ``results`` into an existing card: its evaluation table and Hub model-index.
 
-    A result replaces an earlier one of the same task, dataset, split and metric; others are kept.
+    A result replaces an earlier one of the same task, dataset, split, protocol and metric; others are kept.
     """
     card_path = Path(card_path)
     card = ModelCard.load(card_path)
@@ -168,12 +179,13 @@ def update_model_card_evaluation(card_path: Path, results: list[dict]) -> None:
     model_name = card.data.model_name or card_path.parent.name
     known = [
         {"task": r.task_name or r.task_type, "dataset": r.dataset_name, "metric": r.metric_type,
-         "value": r.metric_value, **({"split": r.dataset_split} if r.dataset_split else {})}
+         "value": r.metric_value, **({"split": r.dataset_split} if r.dataset_split else {}),
+         **({"protocol": protocol_of(r.metric_name)} if protocol_of(r.metric_name) else {})}
         for r in card.data.eval_results or []
     ]
 
     def key(result: dict) -> tuple:
-        return result["task"], result["dataset"], result.get("split"), result["metric"]
+        return result["task"], result["dataset"], result.get("split"), result.get("protocol"), result["metric"]
 
     new_keys = {key(result) for result in results}
     merged = [result for result in known if key(result) not in new_keys] + list(results)

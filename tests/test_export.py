@@ -133,7 +133,7 @@ def test_model_card_metadata_disclaimer_and_loss_curve(tmp_path):
     assert 'timm.create_model("hf-hub:someone/cpia-dino-tiny"' in card.text
     assert 'ViTModel.from_pretrained("someone/cpia-dino-tiny", subfolder="vit"' in card.text
     assert "| Global batch | 16 |" in card.text and "multi-crop, colour jitter" in card.text
-    assert "| linear probe | WBC |  | accuracy | 0.875 |" in card.text
+    assert "| linear probe | WBC |  |  | accuracy | 0.875 |" in card.text
     assert "10.1016/j.bspc.2025.108148" in card.text
     assert "![Training loss](loss_curve.png)" in card.text
     curve = tmp_path / "loss_curve.png"
@@ -163,7 +163,20 @@ def test_update_model_card_evaluation_merges_results(tmp_path):
     card = ModelCard.load(path)
     values = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert values == {("WBC", "accuracy"): 0.75, ("pRCC", "f1"): 0.25}
-    assert "| linear probe | WBC | test | accuracy | 0.75 |" in card.text
+    assert "| linear probe | WBC | test |  | accuracy | 0.75 |" in card.text
     assert "| 0.5 |" not in card.text and "No evaluation recorded yet" not in card.text
     assert card.data.to_dict()["model-index"][0]["name"] == "cpia-mae-tiny"
     assert card.text.count("## Evaluation") == 1 and "**Not for clinical decisions.**" in card.text
+
+
+def test_card_keeps_results_of_different_protocols_apart(tmp_path):
+    path = write_model_card(tmp_path, {"model_name": "cpia-mae-tiny", **run_context(method="mae")})
+    common = {"task": "image-classification", "dataset": "WBC", "metric": "accuracy", "split": "test"}
+    update_model_card_evaluation(path, [{**common, "protocol": "knn", "value": 0.8}])
+    update_model_card_evaluation(path, [{**common, "protocol": "linear", "value": 0.9}])
+    update_model_card_evaluation(path, [{**common, "protocol": "knn", "value": 0.85}])
+    card = ModelCard.load(path)
+    values = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert values == {"accuracy (knn)": 0.85, "accuracy (linear)": 0.9}
+    assert "| image-classification | WBC | test | knn | accuracy | 0.85 |" in card.text
+    assert "| image-classification | WBC | test | linear | accuracy | 0.9 |" in card.text
