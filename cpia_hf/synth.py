@@ -1,0 +1,163 @@
+"""Generated sample slides: H&E-like pixels written as pyramidal tiled JPEG TIFFs that OpenSlide reads.
+
+Used by the tests, the demo and the benchmarks, so that no real slide has to be downloaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image, ImageDraw, ImageFilter
+
+BACKGROUND_RGB = (241, 240, 238)
+EOSIN_LIGHT_RGB = (228, 152, 196)
+EOSIN_DARK_RGB = (190, 88, 146)
+HAEMATOXYLIN_RGB = (78, 50, 128)
+# Pixels are first drawn at 1/COARSE of the target size and upsampled (fast, and nuclei get soft edges).
+COARSE = 4
+APERIO_DESCRIPTION = "Aperio Image Library v12.0.15"
+
+
+def _smooth_noise(rng: np.random.Generator, width: int, height: int, feature_px: float) -> np.ndarray:
+    """Smooth noise in [0, 1] with blobs about `feature_px` wide: a random grid upsampled bicubically."""
+    grid_w = max(2, int(np.ceil(width / feature_px)) + 1)
+    grid_h = max(2, int(np.ceil(height / feature_px)) + 1)
+    grid = Image.fromarray(rng.random((grid_h, grid_w), dtype=np.float32), "F")
+    return np.asarray(grid.resize((width, height), Image.Resampling.BICUBIC)).clip(0.0, 1.0)
+
+
+def _nuclei_mask(rng: np.random.Generator, tissue: np.ndarray, nucleus_px: float) -> np.ndarray:
+    """Soft mask in [0, 1] of elliptic nuclei, denser where `tissue` is high (drawn with Pillow)."""
+    height, width = tissue.shape
+    count = int(width * height / (3.0 * nucleus_px) ** 2)
+    xs = rng.random(count) * width
+    ys = rng.random(count) * height
+    keep = rng.random(count) < tissue[ys.astype(int), xs.astype(int)] ** 2
+    radii = nucleus_px * (0.35 + 0.35 * rng.random((count, 2)))
+    shades = (140 + 115 * rng.random(count)).astype(int)
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for x, y, (rx, ry), shade in zip(xs[keep], ys[keep], radii[keep], shades[keep]):
+        draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=int(shade))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(0.6))
+    return np.asarray(canvas, dtype=np.float32) / 255.0
+
+
+def _coarse_image(width: int, height: int, seed: int, tissue: float) -> np.ndarray:
+    """The H&E-like picture at 1/COARSE resolution, float32 RGB in [0, 255]."""
+    rng = np.random.default_rng(seed)
+    field = 0.6 * _smooth_noise(rng, width, height, 250.0) + 0.4 * _smooth_noise(rng, width, height, 60.0)
+    level = np.quantile(field[:: max(1, height // 256), :: max(1, width // 256)], 1.0 - tissue)
+    tissue_alpha = np.clip((field - level) / 0.03, 0.0, 1.0)
+    density = 0.55 * _smooth_noise(rng, width, height, 30.0) + 0.45 * _smooth_noise(rng, width, height, 6.0)
+    nuclei = _nuclei_mask(rng, np.clip(tissue_alpha * (0.4 + density), 0.0, 1.0), nucleus_px=3.5)
+    light, dark, hema, background = (np.array(c, np.float32) for c in
+                                     (EOSIN_LIGHT_RGB, EOSIN_DARK_RGB, HAEMATOXYLIN_RGB, BACKGROUND_RGB))
+    stroma = light + density[..., None] * (dark - light)
+    stained = stroma + nuclei[..., None] * (hema - stroma)
+    return background + tissue_alpha[..., None] * (stained - background)
+
+
+def he_like_image(width: int, height: int, seed: int, tissue: float = 0.6) -> np.ndarray:
+    """HxWx3 uint8 H&E-like image: pink stroma, purple nuclei, fine texture, white background.
+
+    `tissue` is the approximate fraction of the area covered by tissue. Deterministic for a seed.
+    The layout is drawn at 1/4 resolution, upsampled bilinearly, and a tiled fine-grain noise layer
+    is added band by band so that memory stays at about the size of the output.
+    """
+    if width <= 0 or height <= 0 or not 0.0 <= tissue <= 1.0:
+        raise ValueError(f"invalid image size {width}x{height} or tissue fraction {tissue}")
+    coarse_w, coarse_h = max(2, -(-width // COARSE)), max(2, -(-height // COARSE))
+    coarse = _coarse_image(coarse_w, coarse_h, seed, tissue)
+    coarse_rgb = Image.fromarray(np.clip(coarse + 0.5, 0, 255).astype(np.uint8), "RGB")
+    rng = np.random.default_rng([seed, 1])
+    grain = rng.integers(-7, 8, size=(509, 509, 1), dtype=np.int16)  # odd period avoids visible 256-px tiling
+    out = np.empty((height, width, 3), np.uint8)
+    band = 1024
+    for top in range(0, height, band):
+        bottom = min(height, top + band)
+        crop = (0.0, top / COARSE, width / COARSE, bottom / COARSE)
+        part = np.asarray(coarse_rgb.resize((width, bottom - top), Image.Resampling.BILINEAR, box=crop), np.int16)
+        rows = np.arange(top, bottom) % grain.shape[0]
+        noise = np.take(grain, rows, axis=0)
+        noise = np.tile(noise, (1, -(-width // grain.shape[1]), 1))[:, :width]
+        np.clip(part + noise, 0, 255, out=part)
+        out[top:bottom] = part
+    return out
+
+
+def _pyramid(pixels: np.ndarray, tile: int, levels: int | None) -> list[np.ndarray]:
+    """Level 0 and its 4x box-reduced levels, down to the first level that fits in one tile."""
+    pyramid = [pixels]
+    def wanted() -> bool:
+        return len(pyramid) < levels if levels is not None else max(pyramid[-1].shape[:2]) > tile
+    while wanted():
+        pyramid.append(np.asarray(Image.fromarray(pyramid[-1]).reduce(4)))
+    return pyramid
+
+
+def _aperio_description(width: int, height: int, tile: int, quality: int, mpp: float | None) -> str:
+    """SVS ImageDescription: OpenSlide reads `key = value` pairs after the first `|` as aperio.* properties."""
+    fields = [f"{APERIO_DESCRIPTION}\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"]
+    if mpp is not None:
+        fields += [f"AppMag = {10.0 / mpp:g}", f"MPP = {mpp:.4f}"]
+    return "|".join(fields)
+
+
+def corrupt_tile(path: Path, column: int, row: int, seed: int = 0) -> None:
+    """Overwrite the bytes of one level-0 tile with garbage (same length), for robustness tests."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        across = -(-page.imagewidth // page.tilewidth)
+        index = row * across + column
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+    garbage = np.random.default_rng(seed).integers(0, 256, count, dtype=np.uint8).tobytes()
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(garbage)
+
+
+def write_slide(
+    path: Path,
+    pixels: np.ndarray,
+    mpp: float | None,
+    *,
+    vendor: str = "aperio",
+    tile: int = 256,
+    quality: int = 90,
+    levels: int | None = None,
+    corrupt_tile_at: tuple[int, int] | None = None,
+) -> Path:
+    """Write `pixels` as a pyramidal tiled JPEG TIFF that OpenSlide opens; return `path`.
+
+    vendor="aperio": an SVS file (Aperio ImageDescription with `MPP` and `AppMag` when `mpp` is given).
+    vendor="generic": a generic tiled TIFF; `mpp` goes into the resolution tags in centimetres,
+    which OpenSlide 4 reports as `openslide.mpp-x`/`openslide.mpp-y`.
+    Levels are reduced by 4x down to one tile unless `levels` fixes their number.
+    `corrupt_tile_at=(column, row)` overwrites that level-0 tile with garbage after writing.
+    """
+    if vendor not in ("aperio", "generic"):
+        raise ValueError(f"{path}: unknown vendor {vendor!r} (expected 'aperio' or 'generic')")
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"{path}: pixels must be HxWx3 uint8, got {pixels.shape} {pixels.dtype}")
+    path = Path(path)
+    height, width = pixels.shape[:2]
+    with tifffile.TiffWriter(path, bigtiff=pixels.nbytes > 2**31) as tif:
+        for level, image in enumerate(_pyramid(pixels, tile, levels)):
+            options = dict(
+                photometric="rgb", tile=(tile, tile), compression="jpeg",
+                compressionargs={"level": quality}, metadata=None, maxworkers=2,
+            )
+            if vendor == "aperio":
+                options["description"] = _aperio_description(width, height, tile, quality, mpp)
+            else:
+                # OpenSlide's generic TIFF reader only takes later directories marked reduced-resolution.
+                options["subfiletype"] = 1 if level else 0
+            if vendor == "generic" and mpp is not None:
+                pixels_per_cm = 1e4 / (mpp * (height / image.shape[0]))
+                options.update(resolution=(pixels_per_cm, pixels_per_cm), resolutionunit="CENTIMETER")
+            tif.write(image, **options)
+    if corrupt_tile_at is not None:
+        corrupt_tile(path, *corrupt_tile_at)
+    return path

@@ -1,0 +1,95 @@
+"""Tissue rules: which WSI tiles are kept.
+
+Two rules:
+- "release" reproduces the released processing: an XL tile is kept when its mean colour looks
+  stained (`release_keeps_xl`); an L/M/S tile inside a kept XL tile is dropped only when its mean
+  colour is blank (`release_is_blank`).
+- "mask" keeps a tile when at least `min_fraction` of its area is tissue in a low-resolution
+  tissue mask (see `tissue_mask`).
+Every tile records its mask tissue fraction, whichever rule decides.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .standard import WHITE_LEVEL, release_is_blank, release_keeps_xl
+
+RULES = ("release", "mask")
+# Otsu's threshold on saturation is clamped to this range, so that a slide that is all tissue or
+# all background (one mode only) still gets a sensible split.
+MIN_SATURATION = 0.05
+MAX_SATURATION = 0.2
+# A thumbnail's mean colour differs from the full-resolution mean by a few levels (pyramid and JPEG
+# error); an XL cell is dropped unread only when the release rule fails by more than this margin.
+RELEASE_MARGIN = 8.0
+# Near-black pixels (pen marks, scanner borders) are never tissue.
+MIN_BRIGHTNESS = 30
+
+
+@dataclass(frozen=True)
+class TissueRule:
+    """How tiles are kept: `name` is "release" or "mask"; `min_fraction` is the mask rule's threshold."""
+
+    name: str = "release"
+    min_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.name not in RULES:
+            raise ValueError(f"unknown tissue rule {self.name!r} (expected one of {RULES})")
+        if not 0.0 <= self.min_fraction <= 1.0:
+            raise ValueError(f"tissue rule min_fraction must lie in [0, 1], got {self.min_fraction}")
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of values in [0, 1]: the split maximising the between-class variance.
+
+    Between two well separated modes every split in the gap is maximal: take the middle one.
+    """
+    counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(counts)
+    weight_high = weight_low[-1] - weight_low
+    sum_low = np.cumsum(counts * centres)
+    mean_low = sum_low / np.maximum(weight_low, 1)
+    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float(edges[int(best[len(best) // 2]) + 1])
+
+
+def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail: HSV saturation above a clamped Otsu threshold.
+
+    Stained tissue is coloured while glass and background are grey or white, so saturation
+    (max - min) / max separates them regardless of stain intensity.
+    """
+    rgb = thumbnail.astype(np.float32)
+    brightest = rgb.max(axis=2)
+    saturation = (brightest - rgb.min(axis=2)) / np.maximum(brightest, 1.0)
+    threshold = float(np.clip(otsu_threshold(saturation), MIN_SATURATION, MAX_SATURATION)) if saturation.size else 0.0
+    return (saturation >= threshold) & (brightest >= MIN_BRIGHTNESS)
+
+
+def keeps_tile(rule: TissueRule, scale: str, tissue_fraction: float,
+               mean_rgb: tuple[float, float, float] | None) -> bool:
+    """Whether `rule` keeps a tile of `scale` with this mask fraction and mean colour.
+
+    Under the release rule an XL decision uses `release_keeps_xl` and an L/M/S decision
+    `release_is_blank`; the caller only asks about L/M/S tiles of XL cells the rule kept.
+    """
+    if rule.name == "mask":
+        return tissue_fraction >= rule.min_fraction
+    if mean_rgb is None:
+        raise ValueError("the release tissue rule needs the tile's mean colour")
+    return release_keeps_xl(mean_rgb) if scale == "XL" else not release_is_blank(mean_rgb)
+
+
+def release_surely_drops_xl(mean_rgb: tuple[float, float, float], margin: float = RELEASE_MARGIN) -> bool:
+    """Whether `release_keeps_xl` fails for every colour within `margin` of `mean_rgb` in each channel.
+
+    Same thresholds as `release_keeps_xl`; the R - G test moves by up to twice the margin.
+    """
+    r, g, b = mean_rgb
+    return max(r, g, b) >= WHITE_LEVEL + margin or r <= 100 - margin or b <= 30 - margin or r <= g + 20 - 2 * margin

@@ -1,0 +1,469 @@
+"""Whole-slide images to CPIA tiles: read the MPP, resample to the standard, cut the nested grid.
+
+A slide is resampled to STANDARD_MPP (0.4942 um/px) exactly, and the standardised slide is cut
+into a global grid of XL cells (3840 px). Each cell holds 4x4 L tiles, 10x10 M tiles and, inside
+each M tile, 4x4 S positions of which `s_per_m` are kept. L/M/S tiles whose square lies inside
+the standardised slide are produced even when their XL cell is not fully inside.
+
+Reading is bounded: a tissue mask from a low-resolution level is computed first, cells without
+tissue (or, under the release rule, whose thumbnail colour fails the XL rule by a clear margin)
+are never read, and a cell is resampled in bands of at most BAND_SOURCE_PIXELS source pixels
+from the pyramid level closest to (not coarser than) the standard. TIFF slides with JPEG tiles (Aperio SVS,
+generic tiled TIFF) are decoded directly with tifffile/imagecodecs from the tiles a region
+needs; every other format OpenSlide opens is read with `read_region`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import imagecodecs
+import numpy as np
+import openslide
+import tifffile
+from PIL import Image
+
+from .standard import SCALE_SIDES, STANDARD_MPP, stable_unit_float, tile_name
+from .tissue import TissueRule, keeps_tile, release_surely_drops_xl, tissue_mask
+
+# Resampling: an integer k x k average (`Image.reduce`) then Pillow's antialiased bilinear (tent)
+# filter for the remaining factor. On H&E at 0.25 -> 0.4942 um/px this is ~46 dB PSNR from a
+# direct Lanczos resize at about a third of its cost, about as fast as a direct BOX resize and
+# closer to Lanczos (BOX: ~45 dB); `python benchmarks/convert.py` prints the comparison.
+RESAMPLE = Image.Resampling.BILINEAR
+PRE_REDUCE_SLACK = 0.02  # pre-reduce by k when the factor is >= k / 1.02 (at most 2% upsampling after)
+FILTER_SUPPORT = {
+    Image.Resampling.BOX: 0.5, Image.Resampling.BILINEAR: 1.0, Image.Resampling.HAMMING: 1.0,
+    Image.Resampling.BICUBIC: 2.0, Image.Resampling.LANCZOS: 3.0,
+}
+XL_SIDE, L_SIDE, M_SIDE, S_SIDE = (SCALE_SIDES[s] for s in ("XL", "L", "M", "S"))
+MASK_PX = 16  # standardised pixels per tissue-mask pixel; every tile side is a multiple of it
+BAND_SOURCE_PIXELS = 2**24  # source pixels read per band (64 MB as RGBX): memory stays bounded
+FAST_PATH_VENDORS = ("aperio", "generic-tiff")
+JPEG, RGB, YCBCR = 7, 2, 6  # TIFF Compression and PhotometricInterpretation values
+
+
+class SlideError(Exception):
+    """A slide that cannot be converted; `str()` names the file and the reason."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass
+class Tile:
+    """One standardised tile and the level-0 source region it shows."""
+
+    scale: str
+    side: int
+    x_index: int
+    y_index: int
+    image_id: str
+    pixels: np.ndarray = field(repr=False)  # side x side x 3 uint8 at STANDARD_MPP, read-only view
+    x: float
+    y: float
+    width: float
+    height: float
+    tissue_fraction: float
+
+
+@dataclass
+class SlideInfo:
+    """Level-0 size, MPP, standardised size and the reader used ("tifffile" or "openslide")."""
+
+    path: Path
+    width: int
+    height: int
+    mpp: float
+    std_width: int
+    std_height: int
+    reader: str
+
+
+class _OpenSlideReader:
+    """Regions through OpenSlide's `read_region`, any format it supports."""
+
+    name = "openslide"
+
+    def __init__(self, path: Path, slide: openslide.OpenSlide):
+        self.path = path
+        self.slide = slide
+        self.level_dimensions = slide.level_dimensions
+        self.level_downsamples = slide.level_downsamples
+
+    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """RGBX pixels (height x width x 4) of a rectangle in `level` coordinates; transparency becomes white.
+
+        OpenSlide places regions in level-0 coordinates, so above level 0 the origin is rounded.
+        """
+        downsample = self.level_downsamples[level]
+        location = (round(x * downsample), round(y * downsample))
+        rgba = np.asarray(self.slide.read_region(location, level, (width, height)))
+        alpha = rgba[..., 3:]
+        if alpha.min() == 255:
+            return rgba
+        # OpenSlide returns non-premultiplied RGBA: composite on white.
+        rgb = rgba.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))
+        return (rgb // 255).astype(np.uint8)
+
+    def recover(self) -> None:
+        """OpenSlide errors are sticky: reopen the slide after a failed read."""
+        self.slide.close()
+        self.slide = openslide.OpenSlide(self.path)
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+class _TiffReader:
+    """Regions decoded straight from a TIFF's JPEG tiles: only the tiles a region touches are read."""
+
+    name = "tifffile"
+
+    def __init__(self, path: Path, tif: tifffile.TiffFile, pages: list[tifffile.TiffPage],
+                 downsamples: tuple[float, ...]):
+        self.path = path
+        self.tif = tif
+        self.pages = pages
+        self.level_dimensions = tuple((p.imagewidth, p.imagelength) for p in pages)
+        self.level_downsamples = downsamples
+        self.buffer = np.empty(0, np.uint8)
+        self.recent: dict[tuple[int, int], np.ndarray] = {}
+        # Aperio writes RGB JPEG streams without a JFIF marker: tell libjpeg not to convert from YCbCr.
+        self.colorspaces = [imagecodecs.JPEG8.CS.RGB if p.photometric == RGB and not p.is_jfif else None for p in pages]
+
+    @classmethod
+    def open(cls, path: Path, slide: openslide.OpenSlide) -> _TiffReader | None:
+        """The fast reader when every OpenSlide level is a JPEG-tiled RGB TIFF page, else None."""
+        if slide.properties.get(openslide.PROPERTY_NAME_VENDOR) not in FAST_PATH_VENDORS:
+            return None
+        tif = tifffile.TiffFile(path)
+        by_size = {}
+        for page in tif.pages:
+            if (page.is_tiled and page.compression == JPEG and page.photometric in (RGB, YCBCR)
+                    and page.samplesperpixel == 3 and page.bitspersample == 8 and page.planarconfig == 1 and page.imagedepth == 1):
+                by_size.setdefault((page.imagewidth, page.imagelength), page)
+        pages = [by_size.get(size) for size in slide.level_dimensions]
+        if any(page is None for page in pages):
+            tif.close()
+            return None
+        file_size = os.path.getsize(path)
+        for page in pages:
+            end = max(o + c for o, c in zip(page.dataoffsets, page.databytecounts))
+            if end > file_size:
+                tif.close()
+                raise SlideError(path, f"file truncated: tile data of a {page.imagewidth}x{page.imagelength} "
+                                       f"level ends at byte {end}, file has {file_size}")
+        return cls(path, tif, pages, slide.level_downsamples)
+
+    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """RGBX pixels (height x width x 4) of a rectangle in `level` coordinates, from the JPEG tiles covering it.
+
+        The result is a view into a buffer reused by the next read (no page faults on every band).
+        """
+        page = self.pages[level]
+        tile_w, tile_h = page.tilewidth, page.tilelength
+        across = -(-page.imagewidth // tile_w)
+        if self.buffer.size < height * width * 4:
+            self.buffer = np.empty(height * width * 4, np.uint8)
+        out = self.buffer[:height * width * 4].reshape(height, width, 4)
+        handle = self.tif.filehandle
+        rows = range(y // tile_h, (y + height - 1) // tile_h + 1)
+        columns = range(x // tile_w, (x + width - 1) // tile_w + 1)
+        needed = [(level, row * across + column) for row in rows for column in columns]
+        # Tiles of the previous read that this one needs are not decoded again; the others' arrays
+        # are decoded into, so that no fresh memory is touched per tile.
+        decoded = {key: self.recent.pop(key) for key in needed if key in self.recent}
+        spare = list(self.recent.values())
+        for level, index in needed:
+            pixels = decoded.get((level, index))
+            if pixels is None:
+                handle.seek(page.dataoffsets[index])
+                data = handle.read(page.databytecounts[index])
+                reuse = spare.pop() if spare and spare[-1].shape == (tile_h, tile_w, 4) else None
+                pixels = imagecodecs.jpeg8_decode(data, tables=page.jpegtables, colorspace=self.colorspaces[level],
+                                                  outcolorspace=imagecodecs.JPEG8.CS.EXT_RGBX, out=reuse)
+                decoded[level, index] = pixels
+            row, column = divmod(index, across)
+            left, top = column * tile_w, row * tile_h
+            x0, y0 = max(x, left), max(y, top)
+            x1, y1 = min(x + width, left + tile_w), min(y + height, top + tile_h)
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = pixels[y0 - top:y1 - top, x0 - left:x1 - left]
+        self.recent = decoded  # the next band starts on this band's last tile row
+        return out
+
+    def recover(self) -> None:
+        """Forget the tiles kept from the failed read."""
+        self.recent = {}
+
+    def close(self) -> None:
+        self.tif.close()
+
+
+def _slide_mpp(path: Path, slide: openslide.OpenSlide, mpp_override: float | None) -> float:
+    """The catalog MPP when given, else the slide's; never guessed."""
+    if mpp_override is not None:
+        mpp = float(mpp_override)
+    else:
+        mpp_x = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        if mpp_x is None:
+            raise SlideError(path, "no MPP in slide metadata and no catalog mpp")
+        mpp = float(mpp_x)
+        mpp_y = slide.properties.get(openslide.PROPERTY_NAME_MPP_Y)
+        if mpp_y is not None and abs(float(mpp_y) - mpp) > 0.01 * mpp:
+            raise SlideError(path, f"non-square pixels: mpp-x {mpp_x}, mpp-y {mpp_y}")
+    if not math.isfinite(mpp) or mpp <= 0:
+        raise SlideError(path, f"invalid MPP {mpp}")
+    return mpp
+
+
+def _open(path: Path, mpp_override: float | None, reader: str) -> tuple[SlideInfo, _OpenSlideReader | _TiffReader]:
+    """Open a slide with the fastest reader that serves it (`reader`: "auto", "tifffile", "openslide")."""
+    path = Path(path)
+    if reader not in ("auto", "tifffile", "openslide"):
+        raise ValueError(f"unknown reader {reader!r}")
+    try:
+        slide = openslide.OpenSlide(path)
+    except (openslide.OpenSlideError, OSError) as error:
+        raise SlideError(path, f"cannot open slide ({type(error).__name__}: {error})") from error
+    try:
+        mpp = _slide_mpp(path, slide, mpp_override)
+        fast = None
+        if reader != "openslide":
+            try:
+                fast = _TiffReader.open(path, slide)
+            except (tifffile.TiffFileError, OSError, ValueError) as error:
+                raise SlideError(path, f"cannot read TIFF structure ({type(error).__name__}: {error})") from error
+            if fast is None and reader == "tifffile":
+                raise SlideError(path, "not a JPEG-tiled TIFF slide: the tifffile reader cannot serve it")
+    except Exception:
+        slide.close()
+        raise
+    width, height = slide.dimensions
+    if fast is not None:
+        slide.close()
+    scale = STANDARD_MPP / mpp
+    info = SlideInfo(path, width, height, mpp, int(width / scale), int(height / scale),
+                     fast.name if fast is not None else _OpenSlideReader.name)
+    return info, fast if fast is not None else _OpenSlideReader(path, slide)
+
+
+def open_slide_info(path: Path, mpp_override: float | None = None, *, reader: str = "auto") -> SlideInfo:
+    """Size, MPP and standardised size of a slide; SlideError when it cannot be converted.
+
+    `mpp_override` (the catalog's MPP) takes precedence over the slide's metadata.
+    """
+    info, opened = _open(path, mpp_override, reader)
+    opened.close()
+    return info
+
+
+def _best_level(downsamples: tuple[float, ...], scale: float) -> int:
+    """The coarsest level whose downsample does not exceed `scale` (level 0 when none is finer)."""
+    fitting = [i for i, d in enumerate(downsamples) if d <= scale * (1 + 1e-9)]
+    return max(fitting, key=lambda i: downsamples[i]) if fitting else 0
+
+
+def _resampled(source, level: int, box: tuple[float, float, float, float], size: tuple[int, int],
+               resample: Image.Resampling) -> np.ndarray:
+    """Resample the level-`level` rectangle `box` (float level coordinates) to `size` pixels.
+
+    When shrinking by k >= 2, the pixels are first averaged k x k (`Image.reduce`, on a grid
+    anchored at the level's origin) and the filter does the rest of the way. The integer
+    rectangle read around `box` carries the filter's support, so that a region resampled in
+    pieces equals the same region resampled whole.
+    """
+    level_w, level_h = source.level_dimensions[level]
+    left, top, right, bottom = box
+    ratio = max((right - left) / size[0], (bottom - top) / size[1])
+    factor = max(1, int(ratio * (1 + PRE_REDUCE_SLACK)))
+    margin = factor * (math.ceil(FILTER_SUPPORT[resample] * max(1.0, ratio / factor)) + 2)
+    x0, y0 = max(0, math.floor(left) - margin), max(0, math.floor(top) - margin)
+    x0, y0 = x0 - x0 % factor, y0 - y0 % factor
+    x1, y1 = min(level_w, math.ceil(right) + margin), min(level_h, math.ceil(bottom) + margin)
+    # RGBX shares the reader's buffer with Pillow instead of copying it (the X channel is ignored).
+    region = source.read(level, x0, y0, x1 - x0, y1 - y0)
+    pixels = Image.frombuffer("RGBX", (x1 - x0, y1 - y0), region, "raw", "RGBX", 0, 1)
+    relative = (left - x0, top - y0, min(right, x1) - x0, min(bottom, y1) - y0)
+    if factor > 1:
+        pixels = pixels.reduce(factor)
+        relative = tuple(v / factor for v in relative)
+    resized = pixels.resize(size, resample, box=relative)
+    return np.frombuffer(resized.tobytes("raw", "RGB"), np.uint8).reshape(size[1], size[0], 3)
+
+
+class _Grid:
+    """The standardised slide: its scale, tissue mask and the pixels of one XL cell at a time."""
+
+    def __init__(self, info: SlideInfo, source: _OpenSlideReader | _TiffReader):
+        self.info = info
+        self.source = source
+        self.scale = STANDARD_MPP / info.mpp  # level-0 source pixels per standardised pixel
+        self.level = _best_level(source.level_downsamples, self.scale)
+        thumbnail = self._thumbnail()
+        self.mask_integral = _integral(tissue_mask(thumbnail))
+        self.colour_integral = _integral(thumbnail)
+
+    def _thumbnail(self) -> np.ndarray:
+        """The slide with one pixel per MASK_PX standardised pixels (area average), built in row bands."""
+        mask_w, mask_h = self.info.std_width // MASK_PX, self.info.std_height // MASK_PX
+        level = _best_level(self.source.level_downsamples, self.scale * MASK_PX)
+        step = self.scale * MASK_PX / self.source.level_downsamples[level]  # level pixels per mask pixel
+        rows_per_band = max(1, int(BAND_SOURCE_PIXELS / (self.source.level_dimensions[level][0] * step)))
+        thumbnail = np.empty((mask_h, mask_w, 3), np.uint8)
+        for top in range(0, mask_h, rows_per_band):
+            bottom = min(mask_h, top + rows_per_band)
+            box = (0.0, top * step, mask_w * step, bottom * step)
+            thumbnail[top:bottom] = _resampled(self.source, level, box, (mask_w, bottom - top), Image.Resampling.BOX)
+        return thumbnail
+
+    def tissue_fraction(self, x: int, y: int, side: int) -> float:
+        """Fraction of the standardised square (x, y, side) that is tissue in the mask."""
+        return float(_area_mean(self.mask_integral, x // MASK_PX, y // MASK_PX, side // MASK_PX, side // MASK_PX))
+
+    def thumbnail_colour(self, x: int, y: int, width: int, height: int) -> tuple[float, float, float]:
+        """Mean thumbnail colour of the standardised rectangle (whole mask pixels only)."""
+        columns, rows = max(1, width // MASK_PX), max(1, height // MASK_PX)
+        return tuple(_area_mean(self.colour_integral, x // MASK_PX, y // MASK_PX, columns, rows))
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """Standardised pixels of the rectangle (x, y, width, height), resampled band by band."""
+        downsample = self.source.level_downsamples[self.level]
+        step = self.scale / downsample  # level pixels per standardised pixel
+        out = np.empty((height, width, 3), np.uint8)
+        band_rows = max(MASK_PX, int(BAND_SOURCE_PIXELS / (width * step * step)))
+        for top in range(0, height, band_rows):
+            bottom = min(height, top + band_rows)
+            box = (x * step, (y + top) * step, (x + width) * step, (y + bottom) * step)
+            out[top:bottom] = _resampled(self.source, self.level, box, (width, bottom - top), RESAMPLE)
+        out.flags.writeable = False
+        return out
+
+
+def _integral(values: np.ndarray) -> np.ndarray:
+    """Summed-area table with a zero first row and column (int64)."""
+    table = values.astype(np.int64).cumsum(0).cumsum(1)
+    return np.pad(table, ((1, 0), (1, 0)) + ((0, 0),) * (values.ndim - 2))
+
+
+def _area_mean(table: np.ndarray, column: int, row: int, columns: int, rows: int) -> np.ndarray:
+    """Mean of the values in a rectangle of a summed-area table."""
+    bottom, right = row + rows, column + columns
+    total = table[bottom, right] - table[row, right] - table[bottom, column] + table[row, column]
+    return total / (columns * rows)
+
+
+def _mean_colour(pixels: np.ndarray) -> tuple[float, float, float]:
+    """Exact mean colour of an image (integer column sums first: much faster than a float mean)."""
+    height, width = pixels.shape[:2]
+    sums = pixels.reshape(height, width * 3).sum(axis=0, dtype=np.uint32).reshape(width, 3).sum(axis=0)
+    return tuple(float(v) / (height * width) for v in sums)
+
+
+def _block_means(cell: np.ndarray, block: int) -> np.ndarray:
+    """Mean colour of every full `block` x `block` square of `cell`, shape (rows, columns, 3), exact."""
+    rows, columns = cell.shape[0] // block, cell.shape[1] // block
+    part = cell[:rows * block, :columns * block]
+    column_sums = part.reshape(rows, block, columns * block * 3).sum(axis=1, dtype=np.uint32)
+    sums = column_sums.reshape(rows, columns, block, 3).sum(axis=2)
+    return sums / float(block * block)
+
+
+def iter_slide_tiles(
+    path: Path,
+    *,
+    slide_stem: str,
+    mpp_override: float | None = None,
+    rule: TissueRule = TissueRule(),
+    s_per_m: int = 1,
+    seed: int = 0,
+    on_cell_error: Callable[[str], None] | None = None,
+    reader: str = "auto",
+) -> Iterator[Tile]:
+    """Yield the kept tiles of a slide, XL cell by XL cell in row-major order (XL, L, M, S within a cell).
+
+    `s_per_m` S tiles are kept per kept M tile, chosen among its non-blank S positions by
+    `stable_unit_float(seed, image_id)`. A cell that fails to read is skipped and reported to
+    `on_cell_error` (SlideError when it is None). `reader` forces "tifffile" or "openslide".
+    """
+    if not 1 <= s_per_m <= (M_SIDE // S_SIDE) ** 2:
+        raise ValueError(f"s_per_m must lie in [1, 16], got {s_per_m}")
+    info, source = _open(path, mpp_override, reader)
+    try:
+        try:
+            grid = _Grid(info, source)
+        except Exception as error:  # any decoder/IO failure of the thumbnail makes the slide unusable
+            raise SlideError(info.path, f"cannot read tissue thumbnail ({type(error).__name__}: {error})") from error
+        for cy in range(-(-info.std_height // XL_SIDE)):
+            for cx in range(-(-info.std_width // XL_SIDE)):
+                yield from _cell_tiles(grid, cx, cy, slide_stem, rule, s_per_m, seed, on_cell_error)
+    finally:
+        source.close()
+
+
+def _cell_tiles(grid: _Grid, cx: int, cy: int, slide_stem: str, rule: TissueRule, s_per_m: int, seed: int,
+                on_cell_error: Callable[[str], None] | None) -> Iterator[Tile]:
+    """The kept tiles of XL cell (cx, cy)."""
+    info, f = grid.info, grid.scale
+    x0, y0 = cx * XL_SIDE, cy * XL_SIDE
+    width, height = min(XL_SIDE, info.std_width - x0), min(XL_SIDE, info.std_height - y0)
+    if width < S_SIDE or height < S_SIDE:
+        return
+    s_cols, s_rows = width // S_SIDE, height // S_SIDE
+    s_fractions = np.array([[grid.tissue_fraction(x0 + i * S_SIDE, y0 + j * S_SIDE, S_SIDE)
+                             for i in range(s_cols)] for j in range(s_rows)])
+    release = rule.name == "release"
+    if release:
+        unread = not s_fractions.any() or release_surely_drops_xl(grid.thumbnail_colour(x0, y0, width, height))
+    else:
+        unread = s_fractions.max() < rule.min_fraction
+    if unread:
+        return  # no tile of this cell can be kept: never read it
+    try:
+        cell = grid.read(x0, y0, width, height)
+    except Exception as error:  # a corrupt region must not stop the slide: skip the cell, report it
+        message = (f"cell ({cx},{cy}) region x={x0 * f:.0f} y={y0 * f:.0f} w={width * f:.0f} h={height * f:.0f}: "
+                   f"{type(error).__name__}: {error}")
+        grid.source.recover()
+        if on_cell_error is None:
+            raise SlideError(info.path, message) from error
+        on_cell_error(message)
+        return
+
+    s_means = _block_means(cell, S_SIDE) if release else None
+    if release and not keeps_tile(rule, "XL", float(s_fractions.mean()), _mean_colour(cell)):
+        return  # the release drops the whole XL cell (judged on its part inside the slide)
+
+    def kept(scale: str, i: int, j: int) -> Tile | None:
+        """The tile of `scale` at cell-relative pixel offset (i, j) when the rule keeps it."""
+        side = SCALE_SIDES[scale]
+        x, y = x0 + i, y0 + j
+        fraction = grid.tissue_fraction(x, y, side)
+        if release:  # XL was judged on the whole cell above
+            n, si, sj = side // S_SIDE, i // S_SIDE, j // S_SIDE
+            mean = tuple(s_means[sj:sj + n, si:si + n].mean(axis=(0, 1)))
+            keep = scale == "XL" or keeps_tile(rule, scale, fraction, mean)
+        else:
+            keep = keeps_tile(rule, scale, fraction, None)
+        if not keep:
+            return None
+        return Tile(scale, side, x // side, y // side, tile_name(slide_stem, side, x // side, y // side),
+                    cell[j:j + side, i:i + side], x * f, y * f, side * f, side * f, fraction)
+
+    def positions(side: int) -> list[tuple[int, int]]:
+        """Cell-relative offsets of the `side` tiles lying fully inside the slide, row-major."""
+        return [(i, j) for j in range(0, height - side + 1, side) for i in range(0, width - side + 1, side)]
+
+    tiles = [kept(scale, i, j) for scale in ("XL", "L", "M") for i, j in positions(SCALE_SIDES[scale])]
+    yield from (t for t in tiles if t is not None)
+    for m in (t for t in tiles if t is not None and t.scale == "M"):
+        mi, mj = m.x_index * M_SIDE - x0, m.y_index * M_SIDE - y0
+        candidates = [kept("S", mi + a, mj + b) for b in range(0, M_SIDE, S_SIDE) for a in range(0, M_SIDE, S_SIDE)]
+        candidates = [t for t in candidates if t is not None]
+        chosen = sorted(candidates, key=lambda t: stable_unit_float(seed, t.image_id))[:s_per_m]
+        yield from sorted(chosen, key=lambda t: (t.y_index, t.x_index))

@@ -1,0 +1,255 @@
+"""Slide standardisation and the nested grid, on small generated slides at the real tile sizes."""
+from __future__ import annotations
+
+import io
+import math
+from collections import Counter
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+from PIL import Image
+
+from cpia_hf.imageio import encode_jpeg
+from cpia_hf.standard import SCALE_SIDES, STANDARD_MPP, release_is_blank, release_keeps_xl, tile_name
+from cpia_hf.synth import he_like_image, write_slide
+from cpia_hf.tissue import RELEASE_MARGIN, TissueRule, otsu_threshold, release_surely_drops_xl, tissue_mask
+from cpia_hf.wsi import SlideError, iter_slide_tiles, open_slide_info
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
+
+
+def jpeg_roundtrip(pixels: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(encode_jpeg(pixels, quality=90))).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory):
+    """3000x2500 px at 0.25 um/px: 1517x1264 standardised, smaller than one XL tile."""
+    path = tmp_path_factory.mktemp("small") / "small.svs"
+    return write_slide(path, he_like_image(3000, 2500, seed=1), 0.25)
+
+
+@pytest.fixture(scope="module")
+def large_slide(tmp_path_factory):
+    """4200x4000 px at 0.5 um/px (generic TIFF): 4249x4047 standardised, one full XL cell and three partial."""
+    path = tmp_path_factory.mktemp("large") / "large.tiff"
+    return write_slide(path, he_like_image(4200, 4000, seed=2, tissue=0.75), 0.5, vendor="generic")
+
+
+@pytest.fixture(scope="module")
+def large_tiles(large_slide):
+    return list(iter_slide_tiles(large_slide, slide_stem="large"))
+
+
+def test_slide_info_standard_size(small_slide, large_slide):
+    info = open_slide_info(small_slide)
+    assert (info.width, info.height, info.mpp, info.reader) == (3000, 2500, 0.25, "tifffile")
+    assert (info.std_width, info.std_height) == (int(3000 * 0.25 / STANDARD_MPP), int(2500 * 0.25 / STANDARD_MPP))
+    assert open_slide_info(large_slide).mpp == pytest.approx(0.5)
+
+
+def assert_matches_independent_read(path, tiles, mpp):
+    """Each tile equals an OpenSlide level-0 read of its region resized with Lanczos.
+
+    Raw PSNR >= 40 dB fails for a region shifted by one standardised pixel (about 34 dB).
+    """
+    with openslide.OpenSlide(path) as slide:
+        for tile in tiles:
+            assert tile.pixels.shape == (tile.side, tile.side, 3)
+            assert tile.width == tile.height == pytest.approx(tile.side * STANDARD_MPP / mpp, rel=0.005)
+            assert (tile.x, tile.y) == pytest.approx((tile.side * tile.x_index * STANDARD_MPP / mpp,
+                                                      tile.side * tile.y_index * STANDARD_MPP / mpp))
+            left, top = max(0, math.floor(tile.x) - 8), max(0, math.floor(tile.y) - 8)
+            right = min(slide.dimensions[0], math.ceil(tile.x + tile.width) + 8)
+            bottom = min(slide.dimensions[1], math.ceil(tile.y + tile.height) + 8)
+            region = slide.read_region((left, top), 0, (right - left, bottom - top)).convert("RGB")
+            box = (tile.x - left, tile.y - top, tile.x + tile.width - left, tile.y + tile.height - top)
+            expected = np.asarray(region.resize((tile.side, tile.side), Image.Resampling.LANCZOS, box=box))
+            assert psnr(jpeg_roundtrip(tile.pixels), expected) >= 35, tile.image_id
+            assert psnr(tile.pixels, expected) >= 40, tile.image_id
+
+
+def test_tile_pixels_match_independent_read(large_slide, large_tiles):
+    by_scale = {scale: [t for t in large_tiles if t.scale == scale] for scale in SCALE_SIDES}
+    assert all(by_scale.values()), Counter(t.scale for t in large_tiles)
+    sample = [by_scale["XL"][0], by_scale["L"][-1], by_scale["M"][0], by_scale["M"][-1], by_scale["S"][-1]]
+    assert_matches_independent_read(large_slide, sample, 0.5)
+
+
+def test_downsampled_tiles_match_independent_read(small_slide):
+    tiles = list(iter_slide_tiles(small_slide, slide_stem="small", rule=TissueRule("mask", 0.3)))
+    by_scale = {scale: [t for t in tiles if t.scale == scale] for scale in SCALE_SIDES}
+    sample = by_scale["L"][:1] + by_scale["M"][:2] + by_scale["S"][-2:]
+    assert len(sample) == 5
+    assert_matches_independent_read(small_slide, sample, 0.25)
+
+
+def test_nesting_naming_and_bounds(large_slide, large_tiles):
+    info = open_slide_info(large_slide)
+    kept_m = {(t.x_index, t.y_index) for t in large_tiles if t.scale == "M"}
+    s_per_m = Counter()
+    for tile in large_tiles:
+        side = tile.side
+        assert tile.image_id == tile_name("large", side, tile.x_index, tile.y_index)
+        left, top = side * tile.x_index, side * tile.y_index
+        assert left + side <= info.std_width and top + side <= info.std_height
+        cell = (left // 3840, top // 3840)
+        assert ((left + side - 1) // 3840, (top + side - 1) // 3840) == cell  # inside its XL cell
+        if tile.scale == "S":
+            m = (left // 384, top // 384)
+            assert m in kept_m and (left + side - 1) // 384 == m[0] and (top + side - 1) // 384 == m[1]
+            s_per_m[m] += 1
+    assert set(s_per_m.values()) == {1}
+    assert len(s_per_m) >= 0.9 * len(kept_m)
+    assert len({t.image_id for t in large_tiles}) == len(large_tiles)
+
+
+def test_order_is_cell_by_cell_and_deterministic(large_slide, large_tiles):
+    cells = [(t.y_index * t.side // 3840, t.x_index * t.side // 3840) for t in large_tiles]
+    assert cells == sorted(cells)
+    first_cell = [t.scale for t, cell in zip(large_tiles, cells) if cell == (0, 0)]
+    assert first_cell == sorted(first_cell, key=["XL", "L", "M", "S"].index)
+    again = list(iter_slide_tiles(large_slide, slide_stem="large"))
+    assert [t.image_id for t in again] == [t.image_id for t in large_tiles]
+    reseeded = {t.image_id for t in iter_slide_tiles(large_slide, slide_stem="large", seed=1) if t.scale == "S"}
+    assert reseeded != {t.image_id for t in large_tiles if t.scale == "S"}
+
+
+def test_full_global_grid_beyond_whole_cells(large_slide):
+    """With every tile kept, each position inside the slide appears, partial XL cells included."""
+    info = open_slide_info(large_slide)
+    tiles = list(iter_slide_tiles(large_slide, slide_stem="large", rule=TissueRule("mask", 0.0), s_per_m=16))
+    counts = Counter(t.scale for t in tiles)
+    for scale in ("XL", "L", "M"):
+        side = SCALE_SIDES[scale]
+        positions = {(t.x_index, t.y_index) for t in tiles if t.scale == scale}
+        assert counts[scale] == len(positions) == (info.std_width // side) * (info.std_height // side), scale
+    assert counts["S"] == len({t.image_id for t in tiles if t.scale == "S"}) == 16 * counts["M"]
+    assert max(t.x_index for t in tiles if t.scale == "M") == info.std_width // 384 - 1 == 10
+
+
+def test_small_slide_has_no_xl_but_l_m_s(small_slide):
+    info = open_slide_info(small_slide)
+    counts = Counter(t.scale for t in iter_slide_tiles(small_slide, slide_stem="small", rule=TissueRule("mask", 0.0)))
+    assert counts["XL"] == 0
+    assert counts["L"] == (info.std_width // 960) * (info.std_height // 960) == 1
+    assert counts["M"] == (info.std_width // 384) * (info.std_height // 384) == 9
+    assert counts["S"] == counts["M"]
+
+
+def test_release_rule_uses_mean_colours(large_tiles):
+    for tile in large_tiles:
+        mean = tuple(tile.pixels.reshape(-1, 3).mean(axis=0))
+        if tile.scale == "XL":
+            assert release_keeps_xl(mean)
+        else:
+            assert not release_is_blank(mean)
+        assert 0.0 <= tile.tissue_fraction <= 1.0
+
+
+def test_mask_rule_records_fraction_and_drops_background(large_slide, large_tiles):
+    kept = list(iter_slide_tiles(large_slide, slide_stem="large", rule=TissueRule("mask", 0.5)))
+    everything = list(iter_slide_tiles(large_slide, slide_stem="large", rule=TissueRule("mask", 0.0)))
+    assert 0 < len(kept) < len(everything)
+    assert all(t.tissue_fraction >= 0.5 for t in kept)
+    assert any(t.tissue_fraction == 0.0 for t in everything if t.scale == "M")
+    for tile in [t for t in everything if t.scale in ("L", "M")][::3]:
+        # the mask fraction agrees with the share of coloured pixels in the tile itself
+        coloured = tissue_mask(tile.pixels).mean()
+        assert abs(coloured - tile.tissue_fraction) < 0.2, tile.image_id
+
+
+def test_no_mpp_raises_and_override_works(tmp_path):
+    path = write_slide(tmp_path / "nompp.svs", he_like_image(1000, 1000, seed=5), None)
+    with pytest.raises(SlideError, match="no MPP in slide metadata and no catalog mpp") as error:
+        open_slide_info(path)
+    assert error.value.path == path and str(path) in str(error.value)
+    with pytest.raises(SlideError):
+        next(iter_slide_tiles(path, slide_stem="nompp"))
+    info = open_slide_info(path, mpp_override=0.4942)
+    assert (info.mpp, info.std_width, info.std_height) == (0.4942, 1000, 1000)
+    tiles = list(iter_slide_tiles(path, slide_stem="nompp", mpp_override=0.4942, rule=TissueRule("mask", 0.0)))
+    assert Counter(t.scale for t in tiles)["M"] == 4 and tiles[0].width == pytest.approx(tiles[0].side)
+
+
+@pytest.mark.parametrize("reader", ["tifffile", "openslide"])
+def test_corrupt_tile_skips_only_its_cell(large_slide, large_tiles, tmp_path, reader):
+    pixels = he_like_image(4200, 4000, seed=2, tissue=0.75)
+    path = write_slide(tmp_path / "corrupt.tiff", pixels, 0.5, vendor="generic", corrupt_tile_at=(3, 3))
+    errors = []
+    tiles = list(iter_slide_tiles(path, slide_stem="large", on_cell_error=errors.append, reader=reader))
+    assert len(errors) == 1 and errors[0].startswith("cell (0,0) region")
+    assert not any(t.x_index * t.side < 3840 and t.y_index * t.side < 3840 for t in tiles)
+    others = [t.image_id for t in large_tiles if t.x_index * t.side >= 3840 or t.y_index * t.side >= 3840]
+    assert others and [t.image_id for t in tiles] == others
+    with pytest.raises(SlideError, match=r"cell \(0,0\)"):
+        list(iter_slide_tiles(path, slide_stem="large", reader=reader))
+
+
+def test_truncated_or_foreign_file_raises_naming_it(small_slide, tmp_path):
+    truncated = tmp_path / "truncated.svs"
+    truncated.write_bytes(small_slide.read_bytes()[:200_000])
+    not_a_slide = tmp_path / "notes.svs"
+    not_a_slide.write_text("not a slide")
+    for path in (truncated, not_a_slide, tmp_path / "missing.svs"):
+        with pytest.raises(SlideError) as error:
+            list(iter_slide_tiles(path, slide_stem="x"))
+        assert str(path) in str(error.value) and error.value.reason
+
+
+def test_tile_data_past_end_of_file_is_detected(small_slide, tmp_path):
+    path = tmp_path / "short.svs"
+    path.write_bytes(small_slide.read_bytes())
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        page = tif.pages[0]
+        offsets = list(page.dataoffsets)
+        offsets[-1] = path.stat().st_size - 10
+        page.tags["TileOffsets"].overwrite(offsets)
+    with pytest.raises(SlideError, match="truncated") as error:
+        open_slide_info(path)
+    assert str(path) in str(error.value)
+
+
+def test_fast_path_matches_openslide(small_slide):
+    every = TissueRule("mask", 0.0)
+    fast = list(iter_slide_tiles(small_slide, slide_stem="small", rule=every, reader="tifffile"))
+    slow = list(iter_slide_tiles(small_slide, slide_stem="small", rule=every, reader="openslide"))
+    assert [t.image_id for t in fast] == [t.image_id for t in slow] and fast
+    for a, b in zip(fast, slow):
+        assert np.abs(a.pixels.astype(int) - b.pixels.astype(int)).max() <= 2
+        assert psnr(a.pixels, b.pixels) >= 45
+
+
+def test_tissue_mask_separates_stain_from_glass():
+    rng = np.random.default_rng(0)
+    glass = rng.normal(240, 3, (40, 40, 3))
+    stain = rng.normal((200, 120, 170), 10, (40, 40, 3))
+    thumbnail = np.clip(np.concatenate([glass, stain], axis=1), 0, 255).astype(np.uint8)
+    mask = tissue_mask(thumbnail)
+    assert mask[:, :40].mean() < 0.02 and mask[:, 40:].mean() > 0.98
+    values = np.concatenate([rng.normal(0.1, 0.02, 1000), rng.normal(0.6, 0.05, 1000)]).clip(0, 1)
+    assert 0.2 < otsu_threshold(values) < 0.45
+
+
+def test_unread_cells_are_ones_the_release_drops():
+    """A cell skipped on its thumbnail colour fails release_keeps_xl for any colour within the margin."""
+    rng = np.random.default_rng(0)
+    colours = rng.uniform(0, 255, (20000, 3))
+    skipped = [c for c in colours if release_surely_drops_xl(tuple(c))]
+    assert 0 < len(skipped) < len(colours)
+    for colour in skipped[:2000]:
+        for delta in rng.uniform(-RELEASE_MARGIN, RELEASE_MARGIN, (20, 3)):
+            assert not release_keeps_xl(tuple(colour + delta))
+    assert not any(release_surely_drops_xl(tuple(c)) for c in colours if release_keeps_xl(tuple(c)))
+
+
+def test_bad_arguments_are_refused(small_slide):
+    with pytest.raises(ValueError, match="s_per_m"):
+        next(iter_slide_tiles(small_slide, slide_stem="small", s_per_m=17))
+    with pytest.raises(ValueError, match="tissue rule"):
+        TissueRule("otsu")
