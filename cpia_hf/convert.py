@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .catalog import CatalogEntry, default_catalog_path, load_catalog, subset_slug
 from .mini import DEFAULT_MINI_FRACTION, mini_cells, read_tile_index, roi_transform, select_wsi_tiles, wsi_transform
 from .shards import pack_key, pack_subset
+from .standard import stable_unit_float
 from .units import ConvertOptions, Unit, UnitResult, convert_unit, discover_units, read_record, unit_paths
 
 CONFIGS = ("full", "mini")
@@ -44,8 +45,13 @@ def convert(
     mini_fraction: float = DEFAULT_MINI_FRACTION,
     card: bool = True,
     progress: bool = True,
+    unit_shard: tuple[int, int] | None = None,
 ) -> ConvertReport:
-    """Build (or resume) a CPIA dataset folder in `out_dir` from the sources of `entries`."""
+    """Build (or resume) a CPIA dataset folder in `out_dir` from the sources of `entries`.
+
+    `unit_shard=(i, n)` converts only the i-th of n stable slices of the units and stops before
+    packing: n machines sharing `out_dir` convert in parallel, then one plain run packs.
+    """
     configs = tuple(configs)
     unknown = set(configs) - set(CONFIGS)
     if unknown:
@@ -59,6 +65,9 @@ def convert(
         except FileNotFoundError as error:
             report.missing.append(str(error))
             logger.warning("%s", error)
+    if unit_shard is not None:
+        index, count = unit_shard
+        units = [u for u in units if int(stable_unit_float(u.key) * count) == index]
     report.units = len(units)
     with _Executor(workers) as executor:
         results = executor.map(
@@ -69,6 +78,8 @@ def convert(
                 result = UnitResult(unit.key, 0, [{"file": ",".join(unit.files[:1]), "reason": repr(result)}])
             report.skipped_units += result.skipped
             report.failures.extend({"subset": unit.entry.name, **f} for f in result.failures)
+        if unit_shard is not None:
+            return report
         done = {e.name: _unit_files(work_dir, [u for u in units if u.entry is e]) for e in entries}
         if "full" in configs:
             jobs = [
@@ -199,7 +210,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mini-fraction", type=float, default=DEFAULT_MINI_FRACTION,
                         help="share of WSI grid cells taken into mini")
     parser.add_argument("--seed", type=int, default=ConvertOptions.seed)
+    parser.add_argument("--unit-shard", type=_unit_shard, default=None, metavar="I/N",
+                        help="convert only slice I of N of the units and do not pack (cluster runs)")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def _unit_shard(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return int(index), int(count)
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
@@ -237,7 +257,7 @@ def print_report(report: ConvertReport, out_dir: Path) -> int:
         for failure in report.failures:
             print(f"  [{failure['subset']}] {failure['file']}: {failure['reason']}", file=sys.stderr)
         return 1
-    print(f"dataset written to {out_dir}")
+    print(f"dataset written to {out_dir}" if report.rows else "units converted; a run without --unit-shard packs them")
     return 0
 
 
@@ -261,5 +281,6 @@ def run(args: argparse.Namespace) -> int:
         options=options_from_args(args),
         mini_fraction=args.mini_fraction,
         progress=not args.no_progress,
+        unit_shard=args.unit_shard,
     )
     return print_report(report, args.out)
