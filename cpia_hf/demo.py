@@ -89,12 +89,47 @@ def build_demo(out_dir: Path, *, workers: int = 1, progress: bool = True, option
     )
 
 
+# A tiny ViT and MAE decoder: a few CPU steps show the whole path, not a useful model.
+DEMO_TRAIN_ARGS = ["--method", "mae", "--config", "mini", "--model", "vit_tiny_patch16_224", "--img-size", "64",
+                   "--model-kwargs", '{"depth": 2}', "--decoder-dim", "64", "--decoder-depth", "1",
+                   "--decoder-heads", "2", "--batch-size", "8", "--max-steps", "4", "--log-every", "1",
+                   "--num-workers", "0", "--model-name", "cpia-demo-vit-tiny-mae"]
+
+
+def train_demo_model(dataset: Path, out: Path) -> Path:
+    """Pre-train a tiny MAE for a few steps on the demo's mini config; returns the exported model folder."""
+    from .train.cli import main as train_main
+
+    train_main([*DEMO_TRAIN_ARGS, "--data", str(dataset), "--out", str(out)])
+    return out / "model"
+
+
+def demo_features(model_dir: Path, dataset: Path, count: int = 4):
+    """Load the exported model back with transformers and embed `count` mini tiles."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(model_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(model_dir)
+    images = list(load_dataset(str(dataset), "mini", split="train").select(range(count))["image"])
+    with torch.no_grad():
+        return model(**processor(images, return_tensors="pt")).pooler_output
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for sources and dataset")
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for sources, dataset and model")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--convert-only", action="store_true", help="stop after the dataset conversion")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     report = build_demo(args.out, workers=args.workers, progress=not args.no_progress)
-    return print_report(report, args.out / "dataset")
+    status = print_report(report, args.out / "dataset")
+    if status or args.convert_only:
+        return status
+    model_dir = train_demo_model(args.out / "dataset", args.out / "mae-tiny")
+    features = demo_features(model_dir, args.out / "dataset")
+    print(f"model exported to {model_dir}; AutoModel.from_pretrained features of 4 mini tiles: {tuple(features.shape)}")
+    return 0

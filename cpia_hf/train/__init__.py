@@ -1,0 +1,17 @@
+"""Self-supervised pre-training of ViT encoders on CPIA: MAE, DINO and MoCo-v3 over one trainer.
+
+Pieces come from libraries where they fit: timm (backbone, AdamW parameter groups, sin-cos tables,
+MoCo-v3 init), accelerate (processes, mixed precision, accumulation, checkpoint state, gathers),
+datasets (loading, filters, streaming, node split) and torchvision (augmentations). The method
+heads and losses are written here, after the official repositories: `lightly` would add a
+dependency for three small modules, and its wrappers do not keep the plain timm backbone that the
+export needs (class token, final norm, no fc_norm) nor our per-step seeding for exact resume.
+"""
+from .dino import DINO
+from .mae import MAE
+from .mocov3 import MoCoV3
+from .trainer import PretrainMethod, TrainConfig, load_backbone_from_checkpoint, train
+
+METHODS: dict[str, type[PretrainMethod]] = {"mae": MAE, "dino": DINO, "mocov3": MoCoV3}
+
+__all__ = ["METHODS", "TrainConfig", "train", "load_backbone_from_checkpoint"]

@@ -1,0 +1,145 @@
+"""MAE (He et al. 2022): reconstruct the pixels of masked patches from the visible quarter.
+
+Follows facebookresearch/mae `models_mae.py` and `main_pretrain.py`. The encoder is the timm ViT
+itself (its patch embedding, class token, blocks and final norm), so the published encoder is a
+plain timm checkpoint. Differences from the official code:
+- the 2-D sin-cos position tables come from timm's `build_sincos2d_pos_embed`; its channel order
+  (sin h, sin w, cos h, cos w) differs from MAE's numpy helper, which is immaterial for a fixed table;
+- the decoder's prediction head runs on masked tokens only (the loss ignores the others), which
+  saves a little time and changes nothing.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models import VisionTransformer
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from .augment import AugmentConfig, MAEView
+from .trainer import PretrainMethod, TrainConfig, create_backbone
+
+
+def sincos_pos_embed(grid_size: tuple[int, int], dim: int, cls_token: bool = True) -> torch.Tensor:
+    """Fixed 2-D sin-cos table (1, [1 +] H*W, dim); the class token's row is zeros, as in MAE."""
+    table = build_sincos2d_pos_embed(list(grid_size), dim)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, dim), table], dim=0)
+    return table.unsqueeze(0)
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """MAE's initialisation: xavier-uniform linears, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class MAE(PretrainMethod):
+    """Masked autoencoder over a timm ViT encoder with a light transformer decoder."""
+
+    name = "mae"
+    # Official ViT-B/L pre-training recipe (main_pretrain.py / PRETRAIN.md): blr 1.5e-4 per 256,
+    # AdamW(0.9, 0.95), wd 0.05, 40 warmup epochs, 800 epochs, normalised-pixel loss. The official
+    # code has no ViT-S recipe; the same settings are used for it.
+    RECIPE = dict(base_lr=1.5e-4, min_lr=0.0, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=40,
+                  epochs=800, clip_grad=None, batch_size=256, crop_scale=(0.2, 1.0), allows_grad_accum=True)
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        options = cfg.method_options
+        self.mask_ratio = options.get("mask_ratio", 0.75)
+        self.norm_pix_loss = options.get("norm_pix_loss", True)
+        decoder_dim = options.get("decoder_dim", 512)
+        decoder_depth = options.get("decoder_depth", 8)
+        decoder_heads = options.get("decoder_heads", 16)
+
+        self.encoder, self.backbone_spec = create_backbone(
+            cfg.model, img_size=cfg.augment.img_size, init=cfg.init, model_kwargs=cfg.model_kwargs,
+            drop_path_rate=cfg.drop_path)
+        encoder = self.encoder
+        dim = encoder.embed_dim
+        self.patch_size = encoder.patch_embed.patch_size[0]
+        grid = encoder.patch_embed.grid_size
+
+        self.decoder_embed = nn.Linear(dim, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(grid, decoder_dim), persistent=False)
+        self.decoder_blocks = nn.Sequential(*[
+            Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True,
+                  norm_layer=encoder.norm.__class__) for _ in range(decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * 3)
+
+        for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            module.apply(init_mae_weights)
+        if cfg.init is None:
+            encoder.apply(init_mae_weights)
+            # Patch embedding initialised like a linear layer on the flattened patch, as in MAE.
+            nn.init.xavier_uniform_(encoder.patch_embed.proj.weight.view(dim, -1))
+            nn.init.normal_(encoder.cls_token, std=0.02)
+            with torch.no_grad():  # fixed 2-D sin-cos table; pretrained weights keep their own, trainable
+                encoder.pos_embed.copy_(sincos_pos_embed(grid, dim))
+            encoder.pos_embed.requires_grad_(False)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def make_transform(self, augment: AugmentConfig) -> Callable:
+        return MAEView(augment)
+
+    def export_backbone(self) -> VisionTransformer:
+        return self.encoder
+
+    def patchify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, L, p*p*3), patch pixels in (row, column, channel) order."""
+        p = self.patch_size
+        b, c, h, w = images.shape
+        x = images.reshape(b, c, h // p, p, w // p, p)
+        return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
+
+    def random_masking(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep a random (1 - mask_ratio) of the tokens; mask is 1 on removed tokens."""
+        b, length, dim = x.shape
+        keep = int(length * (1 - self.mask_ratio))
+        noise = torch.rand(b, length, device=x.device)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :keep]
+        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+        mask = torch.ones(b, length, device=x.device)
+        mask[:, :keep] = 0
+        return x_kept, torch.gather(mask, 1, ids_restore), ids_restore
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        encoder = self.encoder
+        x = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]
+        x, mask, ids_restore = self.random_masking(x)
+        cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = encoder.blocks(torch.cat([cls, x], dim=1))
+        return encoder.norm(x), mask, ids_restore
+
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Predicted pixels of the masked patches, (num_masked_total, p*p*3) in batch order."""
+        x = self.decoder_embed(latent)
+        b, length = ids_restore.shape
+        mask_tokens = self.mask_token.expand(b, length + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        x = self.decoder_norm(self.decoder_blocks(x))
+        return self.decoder_pred(x[:, 1:][mask.bool()])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        latent, mask, ids_restore = self.encode(images)
+        pred = self.decode(latent, ids_restore, mask)
+        target = self.patchify(images)[mask.bool()]
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return ((pred.float() - target.float()) ** 2).mean()

@@ -1,0 +1,120 @@
+"""MoCo-v3 (Chen, Xie & He 2021): symmetric InfoNCE between a predictor and a momentum encoder.
+
+Follows facebookresearch/moco-v3 `moco/builder.py` (`MoCo_ViT`) and `main_moco.py`. Keys of every
+process are gathered (they come from the momentum encoder under `no_grad`, so the gather needs no
+gradient path); queries stay local and each process's positives sit at its own offset. Differences
+from the official code:
+- the momentum encoder is updated after each optimizer step with the momentum of that step, where
+  the official forward updates it just before computing keys (the same sequence of updates);
+- norms and biases get no weight decay (the official ViT recipe decays every parameter);
+- BatchNorm is synchronised across processes only on GPU (SyncBatchNorm has no CPU kernel).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from accelerate.utils import gather
+from timm.models import VisionTransformer
+from torch import nn
+
+from .augment import AugmentConfig, TwoViews
+from .mae import sincos_pos_embed
+from .trainer import PretrainMethod, TrainConfig, create_backbone, momentum_schedule
+
+
+def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
+    """MoCo-v3 MLP: bias-free linears with BN + ReLU between, affine-free BN after the last."""
+    layers: list[nn.Module] = []
+    for index in range(num_layers):
+        dim_in = input_dim if index == 0 else mlp_dim
+        dim_out = output_dim if index == num_layers - 1 else mlp_dim
+        layers.append(nn.Linear(dim_in, dim_out, bias=False))
+        if index < num_layers - 1:
+            layers += [nn.BatchNorm1d(dim_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(dim_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+class MoCoV3(PretrainMethod):
+    """Base encoder + 3-layer projector + 2-layer predictor against a momentum encoder + projector."""
+
+    name = "mocov3"
+    # main_moco.py ViT-S/16 recipe (CONFIG.md): lr 1.5e-4 per 256, AdamW, wd 0.1, 40 warmup epochs,
+    # 300 epochs, momentum 0.99 -> 1, temperature 0.2, mlp 4096, out 256, frozen random patch
+    # projection (--stop-grad-conv1), crops (0.08, 1), batch 4096.
+    RECIPE = dict(base_lr=1.5e-4, min_lr=0.0, weight_decay=0.1, betas=(0.9, 0.999), warmup_epochs=40,
+                  epochs=300, clip_grad=None, batch_size=256, crop_scale=(0.08, 1.0), allows_grad_accum=False)
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        options = cfg.method_options
+        self.temperature = options.get("temperature", 0.2)
+        self.base_momentum = options.get("momentum", 0.99)
+        mlp_dim = options.get("mlp_dim", 4096)
+        out_dim = options.get("out_dim", 256)
+
+        # timm's 'moco' init is MoCo-v3's (xavier with the qkv split) except for the patch embedding.
+        self.encoder, self.backbone_spec = create_backbone(
+            cfg.model, img_size=cfg.augment.img_size, init=cfg.init, model_kwargs=cfg.model_kwargs,
+            weight_init="moco" if cfg.init is None else "", drop_path_rate=cfg.drop_path)
+        encoder = self.encoder
+        dim = encoder.embed_dim
+        if cfg.init is None:
+            patch = encoder.patch_embed.proj
+            bound = math.sqrt(6.0 / float(3 * patch.kernel_size[0] * patch.kernel_size[1] + dim))
+            nn.init.uniform_(patch.weight, -bound, bound)
+            nn.init.zeros_(patch.bias)
+            with torch.no_grad():  # MoCo-v3 ViTs use a fixed 2-D sin-cos position table
+                encoder.pos_embed.copy_(sincos_pos_embed(encoder.patch_embed.grid_size, dim))
+            encoder.pos_embed.requires_grad_(False)
+        if options.get("freeze_patch_embed", True):
+            encoder.patch_embed.proj.requires_grad_(False)
+        self.projector = build_mlp(3, dim, mlp_dim, out_dim)
+        self.predictor = build_mlp(2, out_dim, mlp_dim, out_dim)
+        self.momentum_encoder = copy.deepcopy(encoder).requires_grad_(False)
+        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    def make_transform(self, augment: AugmentConfig) -> Callable:
+        return TwoViews(augment)
+
+    def export_backbone(self) -> VisionTransformer:
+        return self.encoder
+
+    @property
+    def current_momentum(self) -> float:
+        return momentum_schedule(self.step, self.total_steps, self.base_momentum)
+
+    def schedule_state(self) -> dict:
+        return {"moco_momentum": self.current_momentum}
+
+    def contrastive_loss(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """InfoNCE of local queries against the keys of all processes, scaled by 2 * T as in MoCo-v3."""
+        queries = F.normalize(queries.float(), dim=1)
+        keys = gather(F.normalize(keys.float(), dim=1))
+        logits = queries @ keys.T / self.temperature
+        offset = queries.shape[0] * PartialState().process_index
+        labels = torch.arange(queries.shape[0], device=queries.device) + offset
+        return F.cross_entropy(logits, labels) * (2 * self.temperature)
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        first, second = views
+        q1 = self.predictor(self.projector(self.encoder(first)))
+        q2 = self.predictor(self.projector(self.encoder(second)))
+        with torch.no_grad():
+            k1 = self.momentum_projector(self.momentum_encoder(first))
+            k2 = self.momentum_projector(self.momentum_encoder(second))
+        return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        momentum = self.current_momentum
+        pairs = ((self.encoder, self.momentum_encoder), (self.projector, self.momentum_projector))
+        for online, target in pairs:
+            for param, ema in zip(online.parameters(), target.parameters()):
+                ema.lerp_(param.detach(), 1 - momentum)

@@ -1,0 +1,21 @@
+"""The README's main command past conversion: a tiny MAE trained, exported and loaded back."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+
+from cpia_hf.demo import demo_features, train_demo_model
+
+
+def test_demo_trains_exports_and_loads_back(demo_build: Path, tmp_path: Path) -> None:
+    model_dir = train_demo_model(demo_build / "dataset", tmp_path / "mae")
+    features = demo_features(model_dir, demo_build / "dataset")
+    assert features.shape == (4, 192) and torch.isfinite(features).all()
+    model = timm.create_model(f"local-dir:{model_dir}", pretrained=True)
+    trained = load_file(tmp_path / "mae" / "encoder.safetensors")
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, trained[name]), name
+    assert (model_dir / "README.md").read_text().count("cpia-demo-vit-tiny-mae") >= 1
