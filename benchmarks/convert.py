@@ -4,9 +4,10 @@
 
 Generates a 40x H&E-like SVS once (256-px JPEG tiles, 4x pyramid; cached in --out), converts it
 the way the converter does (`iter_slide_tiles` + `encode_jpeg` at quality 90 for every tile), and
-measures in the same run the codec floor: decoding exactly the source tiles the conversion read,
-resampling those pixels to the standard, and the JPEG encoding of the outputs. Also compares the
-Pillow resampling filters on one XL cell (speed and PSNR against Lanczos).
+measures in the same run the codec floor: decoding exactly the source tiles the conversion read
+(as the converter decodes them, shrunk in the DCT domain), resampling those pixels to the standard,
+and the JPEG encoding of the outputs. Also compares the Pillow resampling filters and the
+converter's DCT-scaled decode on one XL cell (speed and PSNR against Lanczos).
 """
 from __future__ import annotations
 
@@ -68,9 +69,9 @@ def convert(path: Path) -> dict:
     reads = []
     read = wsi._TiffReader.read
 
-    def recording_read(self, level, x, y, width, height):
+    def recording_read(self, level, x, y, width, height, factor=1):
         reads.append((level, x, y, width, height))
-        return read(self, level, x, y, width, height)
+        return read(self, level, x, y, width, height, factor)
 
     wsi._TiffReader.read = recording_read
     counts, output_pixels, encode_cpu, encoded_bytes = Counter(), 0, 0.0, 0
@@ -88,58 +89,72 @@ def convert(path: Path) -> dict:
                 output_pixels=output_pixels, encode_cpu=encode_cpu, encoded_bytes=encoded_bytes)
 
 
-def codec_floor(path: Path, touched: set[tuple[int, int]], scale: float) -> tuple[float, float, int]:
-    """CPU seconds to decode the touched tiles (tifffile bytes + imagecodecs) and resample them to the standard.
+def codec_floor(path: Path, touched: set[tuple[int, int]], scale: float) -> tuple[float, float, float, int]:
+    """CPU seconds to decode the touched tiles and resample them to the standard, the converter's way.
 
-    Each tile is resampled on its own, with the converter's method (k x k reduce, then RESAMPLE).
+    Each tile is decoded by the fast reader's decoder (Pillow's libjpeg-turbo, shrunk in the DCT domain)
+    and resampled on its own with the converter's remainder (`Image.reduce`, then RESAMPLE). Also
+    returns the CPU seconds of decoding the same tiles at full size with imagecodecs, for comparison.
     """
-    decode_cpu, resize_cpu, source_pixels = 0.0, 0.0, 0
-    with tifffile.TiffFile(path) as tif:
-        pages = [p for p in tif.pages if p.is_tiled]
-        downsamples = [pages[0].imagewidth / p.imagewidth for p in pages]
-        handle = tif.filehandle
+    decode_cpu, full_decode_cpu, resize_cpu, source_pixels = 0.0, 0.0, 0.0, 0
+    _, reader = wsi._open(path, None, "tifffile")
+    handle = reader.tif.filehandle
+    try:
         for level, index in sorted(touched):
-            page = pages[level]
+            page = reader.pages[level]
+            step = scale / reader.level_downsamples[level]
+            factor = max(1, int(step * (1 + wsi.PRE_REDUCE_SLACK)))
+            shrink = reader.dct_shrink(level, factor)
+            start = time.process_time()
+            image = reader._decode(level, index, shrink)
+            decode_cpu += time.process_time() - start
             handle.seek(page.dataoffsets[index])
             data = handle.read(page.databytecounts[index])
             start = time.process_time()
-            pixels = imagecodecs.jpeg8_decode(data, tables=page.jpegtables, outcolorspace="RGBA")
-            decode_cpu += time.process_time() - start
-            source_pixels += pixels.shape[0] * pixels.shape[1]
-            step = scale / downsamples[level]
-            factor = max(1, int(step * (1 + wsi.PRE_REDUCE_SLACK)))
-            size = (max(1, round(pixels.shape[1] / step)), max(1, round(pixels.shape[0] / step)))
+            imagecodecs.jpeg8_decode(data, tables=page.jpegtables, outcolorspace="RGBA")
+            full_decode_cpu += time.process_time() - start
+            source_pixels += page.tilewidth * page.tilelength
+            size = (max(1, round(page.tilewidth / step)), max(1, round(page.tilelength / step)))
             start = time.process_time()
-            image = Image.frombuffer("RGBX", pixels.shape[1::-1], pixels, "raw", "RGBX", 0, 1)
-            (image.reduce(factor) if factor > 1 else image).resize(size, wsi.RESAMPLE)
+            (image.reduce(factor // shrink) if factor > shrink else image).resize(size, wsi.RESAMPLE)
             resize_cpu += time.process_time() - start
-    return decode_cpu, resize_cpu, source_pixels
+    finally:
+        reader.close()
+    return decode_cpu, full_decode_cpu, resize_cpu, source_pixels
 
 
 def compare_filters(path: Path, scale: float) -> list[tuple[str, str]]:
-    """Resample one XL cell of level 0 with each Pillow filter, with and without the integer pre-reduction:
-    output MP per CPU-second and PSNR against a direct Lanczos resize."""
+    """Resample one XL cell of level 0 with each Pillow filter, with and without the integer pre-reduction,
+    and as the converter does (DCT-scaled decode, then RESAMPLE): output MP per CPU-second of the
+    resampling (decoding excluded) and PSNR against a direct Lanczos resize."""
     side = 3840
     with tifffile.TiffFile(path) as tif:
         level0 = tif.pages[0]
-        top, left = level0.imagelength // 3, level0.imagewidth // 3
+        top, left = level0.imagelength // 3 // 256 * 256, level0.imagewidth // 3 // 256 * 256
         source = level0.asarray()[top:top + math.ceil(side * scale), left:left + math.ceil(side * scale)]
     image = Image.fromarray(source).convert("RGBX")
     box = (0.0, 0.0, side * scale, side * scale)
     factor = max(1, int(scale * (1 + wsi.PRE_REDUCE_SLACK)))
+    _, reader = wsi._open(path, None, "tifffile")
+    shrink = reader.dct_shrink(0, factor)
+    dct_scaled = reader.read(0, left, top, source.shape[1], source.shape[0], shrink)
+    reader.close()
+    candidates = [(name, reduce, image) for name in ("BOX", "BILINEAR", "BICUBIC", "LANCZOS")
+                  for reduce in ((1, factor) if factor > 1 else (1,))]
+    if shrink > 1:
+        candidates.append((wsi.RESAMPLE.name, -shrink, dct_scaled))
     results = {}
-    for name in ("BOX", "BILINEAR", "BICUBIC", "LANCZOS"):
-        for reduce in (1, factor) if factor > 1 else (1,):
-            seconds = math.inf
-            for _ in range(3):  # best of three: other processes may be loading the cores
-                start = time.process_time()
-                reduced = image.reduce(reduce) if reduce > 1 else image
-                reduced_box = tuple(b / reduce for b in box)
-                out = np.asarray(reduced.resize((side, side), Image.Resampling[name], box=reduced_box))
-                seconds = min(seconds, time.process_time() - start)
-            label = f"reduce({reduce}) + {name}" if reduce > 1 else name
-            used = reduce == factor and Image.Resampling[name] == wsi.RESAMPLE
-            results[label] = (seconds, out, used)
+    for name, reduce, pixels in candidates:
+        seconds = math.inf
+        for _ in range(3):  # best of three: other processes may be loading the cores
+            start = time.process_time()
+            reduced = pixels.reduce(reduce) if reduce > 1 else pixels
+            reduced_box = tuple(b / abs(reduce) for b in box)
+            out = np.asarray(reduced.resize((side, side), Image.Resampling[name], box=reduced_box))[..., :3]
+            seconds = min(seconds, time.process_time() - start)
+        label = {1: name, -shrink: f"DCT 1/{shrink} decode + {name}"}.get(reduce, f"reduce({reduce}) + {name}")
+        used = (reduce == -shrink if shrink > 1 else reduce == factor) and Image.Resampling[name] == wsi.RESAMPLE
+        results[label] = (seconds, out, used)
     reference = results["LANCZOS"][1].astype(np.float64)
     rows = []
     for label, (seconds, out, used) in results.items():
@@ -177,7 +192,7 @@ def main() -> int:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tifffile.TiffFile(path) as tif:
         touched = touched_tiles(run["reads"], [p for p in tif.pages if p.is_tiled])
-    decode_cpu, resize_cpu, source_pixels = codec_floor(path, touched, scale)
+    decode_cpu, full_decode_cpu, resize_cpu, source_pixels = codec_floor(path, touched, scale)
     floor = decode_cpu + resize_cpu + run["encode_cpu"]
     output_mp = run["output_pixels"] / 1e6
 
@@ -194,7 +209,7 @@ def main() -> int:
         ("peak RSS", f"{peak_rss_mb:.0f} MB"),
     ])
     table("codec floor (same run)", [
-        ("decode touched tiles", f"{decode_cpu:.2f} s"),
+        ("decode touched tiles", f"{decode_cpu:.2f} s (at full size with imagecodecs: {full_decode_cpu:.2f} s)"),
         ("resample to standard", f"{resize_cpu:.2f} s ({wsi.RESAMPLE.name})"),
         ("encode outputs", f"{run['encode_cpu']:.2f} s"),
         ("total", f"{floor:.2f} s = {output_mp / floor:.1f} output MP per CPU-second"),

@@ -13,5 +13,5 @@ def encode_jpeg(pixels: np.ndarray | Image.Image, quality: int = DEFAULT_JPEG_QU
     """JPEG bytes of an RGB image (HxWx3 uint8 array or PIL image), 4:2:0, optimised Huffman off for speed."""
     image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(np.ascontiguousarray(pixels), "RGB")
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    (image if image.mode == "RGB" else image.convert("RGB")).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()

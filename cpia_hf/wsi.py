@@ -9,7 +9,8 @@ Reading is bounded: a tissue mask from a low-resolution level is computed first,
 tissue (or, under the release rule, whose thumbnail colour fails the XL rule by a clear margin)
 are never read, and a cell is resampled in bands of at most BAND_SOURCE_PIXELS source pixels
 from the pyramid level closest to (not coarser than) the standard. TIFF slides with JPEG tiles (Aperio SVS,
-generic tiled TIFF) are decoded directly with tifffile/imagecodecs from the tiles a region
+generic tiled TIFF) are decoded directly (tifffile for the layout, Pillow's libjpeg-turbo for the
+pixels, shrunk in the DCT domain when the resampling shrinks by 2 or more) from the tiles a region
 needs; every other format OpenSlide opens is read with `read_region`.
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import imagecodecs
 import numpy as np
 import openslide
 import tifffile
@@ -29,10 +29,10 @@ from PIL import Image
 from .standard import SCALE_SIDES, STANDARD_MPP, stable_unit_float, tile_name
 from .tissue import TissueRule, keeps_tile, release_surely_drops_xl, tissue_mask
 
-# Resampling: an integer k x k average (`Image.reduce`) then Pillow's antialiased bilinear (tent)
-# filter for the remaining factor. On H&E at 0.25 -> 0.4942 um/px this is ~46 dB PSNR from a
-# direct Lanczos resize at about a third of its cost, about as fast as a direct BOX resize and
-# closer to Lanczos (BOX: ~45 dB); `python benchmarks/convert.py` prints the comparison.
+# Resampling: an integer k x k shrink (JPEG DCT scaling on the fast path, else `Image.reduce`) then
+# Pillow's antialiased bilinear (tent) filter for the remaining factor. On H&E at 0.25 -> 0.4942
+# um/px this is ~45 dB PSNR from a direct Lanczos resize (as close as k x k average + bilinear),
+# at a fifth of its cost; `python benchmarks/convert.py` prints the comparison.
 RESAMPLE = Image.Resampling.BILINEAR
 PRE_REDUCE_SLACK = 0.02  # pre-reduce by k when the factor is >= k / 1.02 (at most 2% upsampling after)
 FILTER_SUPPORT = {
@@ -96,8 +96,8 @@ class _OpenSlideReader:
         self.level_dimensions = slide.level_dimensions
         self.level_downsamples = slide.level_downsamples
 
-    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """RGBX pixels (height x width x 4) of a rectangle in `level` coordinates; transparency becomes white.
+    def read(self, level: int, x: int, y: int, width: int, height: int, factor: int = 1) -> Image.Image:
+        """The rectangle (x, y, width, height) of `level`, averaged `factor` x `factor`; transparency becomes white.
 
         OpenSlide places regions in level-0 coordinates, so above level 0 the origin is rounded.
         """
@@ -105,11 +105,12 @@ class _OpenSlideReader:
         location = (round(x * downsample), round(y * downsample))
         rgba = np.asarray(self.slide.read_region(location, level, (width, height)))
         alpha = rgba[..., 3:]
-        if alpha.min() == 255:
-            return rgba
-        # OpenSlide returns non-premultiplied RGBA: composite on white.
-        rgb = rgba.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))
-        return (rgb // 255).astype(np.uint8)
+        if alpha.min() < 255:  # OpenSlide returns non-premultiplied RGBA: composite on white
+            rgb = rgba.astype(np.uint16) * alpha + 255 * (255 - alpha.astype(np.uint16))
+            rgba = (rgb // 255).astype(np.uint8)
+        # RGBX shares the array with Pillow instead of copying it (the X channel is ignored).
+        pixels = Image.frombuffer("RGBX", (width, height), rgba, "raw", "RGBX", 0, 1)
+        return pixels.reduce(factor) if factor > 1 else pixels
 
     def recover(self) -> None:
         """OpenSlide errors are sticky: reopen the slide after a failed read."""
@@ -121,7 +122,13 @@ class _OpenSlideReader:
 
 
 class _TiffReader:
-    """Regions decoded straight from a TIFF's JPEG tiles: only the tiles a region touches are read."""
+    """Regions decoded straight from a TIFF's JPEG tiles: only the tiles a region touches are read.
+
+    Tiles are decoded with Pillow's libjpeg-turbo decoder (faster here than imagecodecs', which
+    also clears its output first), shrunk in the DCT domain by the largest power of two (<= 8)
+    dividing the requested averaging factor: at 0.25 um/px a tile is decoded straight to half
+    size, skipping most of the inverse DCT, the colour conversion and a 2 x 2 average.
+    """
 
     name = "tifffile"
 
@@ -132,10 +139,9 @@ class _TiffReader:
         self.pages = pages
         self.level_dimensions = tuple((p.imagewidth, p.imagelength) for p in pages)
         self.level_downsamples = downsamples
-        self.buffer = np.empty(0, np.uint8)
-        self.recent: dict[tuple[int, int], np.ndarray] = {}
+        self.recent: dict[tuple[int, int, int], Image.Image] = {}
         # Aperio writes RGB JPEG streams without a JFIF marker: tell libjpeg not to convert from YCbCr.
-        self.colorspaces = [imagecodecs.JPEG8.CS.RGB if p.photometric == RGB and not p.is_jfif else None for p in pages]
+        self.colorspaces = ["RGB" if p.photometric == RGB and not p.is_jfif else "" for p in pages]
 
     @classmethod
     def open(cls, path: Path, slide: openslide.OpenSlide) -> _TiffReader | None:
@@ -161,41 +167,54 @@ class _TiffReader:
                                        f"level ends at byte {end}, file has {file_size}")
         return cls(path, tif, pages, slide.level_downsamples)
 
-    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """RGBX pixels (height x width x 4) of a rectangle in `level` coordinates, from the JPEG tiles covering it.
+    def dct_shrink(self, level: int, factor: int) -> int:
+        """The power of two (<= 8, libjpeg's limit) that `read` shrinks `level`'s tiles by in the DCT domain."""
+        page = self.pages[level]
+        return next(s for s in (8, 4, 2, 1) if factor % s == 0 and page.tilewidth % s == 0 and page.tilelength % s == 0)
 
-        The result is a view into a buffer reused by the next read (no page faults on every band).
+    def _decode(self, level: int, index: int, shrink: int) -> Image.Image:
+        """Tile `index` of `level` decoded at 1/`shrink` scale.
+
+        A tile crossing the level's edge off the `shrink` grid is decoded whole, cut at the edge and
+        averaged by `Image.reduce`, whose last partial block holds only pixels inside the level
+        (a DCT-scaled pixel there would mix in the tile's padding).
         """
         page = self.pages[level]
         tile_w, tile_h = page.tilewidth, page.tilelength
+        row, column = divmod(index, -(-page.imagewidth // tile_w))
+        inside_w = min(tile_w, page.imagewidth - column * tile_w)
+        inside_h = min(tile_h, page.imagelength - row * tile_h)
+        self.tif.filehandle.seek(page.dataoffsets[index])
+        data = self.tif.filehandle.read(page.databytecounts[index])
+        if page.jpegtables:  # abbreviated stream: put the shared tables in front of its frame
+            data = page.jpegtables[:-2] + data[2:]
+        exact = inside_w % shrink == 0 and inside_h % shrink == 0
+        scale = shrink if exact else 1
+        tile = Image.new("RGB", (tile_w // scale, tile_h // scale), None)  # not cleared: the decoder fills it
+        tile.frombytes(data, "jpeg", "RGBX", self.colorspaces[level], scale)
+        return tile if exact else tile.crop((0, 0, inside_w, inside_h)).reduce(shrink)
+
+    def read(self, level: int, x: int, y: int, width: int, height: int, factor: int = 1) -> Image.Image:
+        """The rectangle (x, y, width, height) of `level` shrunk `factor` times, from the JPEG tiles covering it.
+
+        `x` and `y` are multiples of `factor`; the result is ceil(width / factor) x ceil(height / factor).
+        Pixels are shrunk in the DCT domain as far as a power of two allows, then by `Image.reduce`.
+        """
+        page = self.pages[level]
+        tile_w, tile_h = page.tilewidth, page.tilelength
+        shrink = self.dct_shrink(level, factor)
         across = -(-page.imagewidth // tile_w)
-        if self.buffer.size < height * width * 4:
-            self.buffer = np.empty(height * width * 4, np.uint8)
-        out = self.buffer[:height * width * 4].reshape(height, width, 4)
-        handle = self.tif.filehandle
+        out = Image.new("RGB", (-(-width // shrink), -(-height // shrink)), None)
         rows = range(y // tile_h, (y + height - 1) // tile_h + 1)
         columns = range(x // tile_w, (x + width - 1) // tile_w + 1)
-        needed = [(level, row * across + column) for row in rows for column in columns]
-        # Tiles of the previous read that this one needs are not decoded again; the others' arrays
-        # are decoded into, so that no fresh memory is touched per tile.
-        decoded = {key: self.recent.pop(key) for key in needed if key in self.recent}
-        spare = list(self.recent.values())
-        for level, index in needed:
-            pixels = decoded.get((level, index))
-            if pixels is None:
-                handle.seek(page.dataoffsets[index])
-                data = handle.read(page.databytecounts[index])
-                reuse = spare.pop() if spare and spare[-1].shape == (tile_h, tile_w, 4) else None
-                pixels = imagecodecs.jpeg8_decode(data, tables=page.jpegtables, colorspace=self.colorspaces[level],
-                                                  outcolorspace=imagecodecs.JPEG8.CS.EXT_RGBX, out=reuse)
-                decoded[level, index] = pixels
+        needed = [(level, row * across + column, shrink) for row in rows for column in columns]
+        # Tiles of the previous read that this one needs are not decoded again.
+        decoded = {key: self.recent[key] if key in self.recent else self._decode(*key) for key in needed}
+        for (_, index, _), tile in decoded.items():
             row, column = divmod(index, across)
-            left, top = column * tile_w, row * tile_h
-            x0, y0 = max(x, left), max(y, top)
-            x1, y1 = min(x + width, left + tile_w), min(y + height, top + tile_h)
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = pixels[y0 - top:y1 - top, x0 - left:x1 - left]
+            out.paste(tile, ((column * tile_w - x) // shrink, (row * tile_h - y) // shrink))  # clipped to `out`
         self.recent = decoded  # the next band starts on this band's last tile row
-        return out
+        return out.reduce(factor // shrink) if factor > shrink else out
 
     def recover(self) -> None:
         """Forget the tiles kept from the failed read."""
@@ -273,8 +292,8 @@ def _resampled(source, level: int, box: tuple[float, float, float, float], size:
                resample: Image.Resampling) -> np.ndarray:
     """Resample the level-`level` rectangle `box` (float level coordinates) to `size` pixels.
 
-    When shrinking by k >= 2, the pixels are first averaged k x k (`Image.reduce`, on a grid
-    anchored at the level's origin) and the filter does the rest of the way. The integer
+    When shrinking by k >= 2, the reader first averages k x k (on a grid anchored at the level's
+    origin, in the DCT domain where it can) and the filter does the rest of the way. The integer
     rectangle read around `box` carries the filter's support, so that a region resampled in
     pieces equals the same region resampled whole.
     """
@@ -286,13 +305,8 @@ def _resampled(source, level: int, box: tuple[float, float, float, float], size:
     x0, y0 = max(0, math.floor(left) - margin), max(0, math.floor(top) - margin)
     x0, y0 = x0 - x0 % factor, y0 - y0 % factor
     x1, y1 = min(level_w, math.ceil(right) + margin), min(level_h, math.ceil(bottom) + margin)
-    # RGBX shares the reader's buffer with Pillow instead of copying it (the X channel is ignored).
-    region = source.read(level, x0, y0, x1 - x0, y1 - y0)
-    pixels = Image.frombuffer("RGBX", (x1 - x0, y1 - y0), region, "raw", "RGBX", 0, 1)
-    relative = (left - x0, top - y0, min(right, x1) - x0, min(bottom, y1) - y0)
-    if factor > 1:
-        pixels = pixels.reduce(factor)
-        relative = tuple(v / factor for v in relative)
+    pixels = source.read(level, x0, y0, x1 - x0, y1 - y0, factor)
+    relative = tuple(v / factor for v in (left - x0, top - y0, min(right, x1) - x0, min(bottom, y1) - y0))
     resized = pixels.resize(size, resample, box=relative)
     return np.frombuffer(resized.tobytes("raw", "RGB"), np.uint8).reshape(size[1], size[0], 3)
 
