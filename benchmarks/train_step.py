@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpia_hf.train import METHODS  # noqa: E402
 from cpia_hf.train.cli import build_config, configure_parser  # noqa: E402
+from cpia_hf.train.trainer import build_optimizer  # noqa: E402
 
 REFERENCE = "transformers ViTMAEForPreTraining"
 
@@ -42,7 +43,7 @@ def method_step(method: str, args: argparse.Namespace, device: torch.device) -> 
         "--method", method, "--data", "unused", "--out", "unused", "--model", args.model,
         "--img-size", str(args.img_size), "--local-crops", str(args.local_crops)]))
     model = METHODS[method](cfg).to(device).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = build_optimizer(model, 1e-4, cfg.weight_decay, cfg.betas, device)  # as the trainer builds it
     batch_size, size = args.batch_size, args.img_size
     images = torch.randn(batch_size, 3, size, size, device=device)
     if method == "mae":
@@ -78,7 +79,7 @@ def reference_mae_step(args: argparse.Namespace, device: torch.device) -> tuple[
         decoder_num_hidden_layers=8, decoder_num_attention_heads=16, decoder_intermediate_size=2048,
         mask_ratio=0.75, norm_pix_loss=True, attn_implementation="sdpa")
     model = ViTMAEForPreTraining(config).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))  # Trainer default
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
 
     def step() -> None:

