@@ -10,8 +10,8 @@ Selection rule (documented in the card):
 4. Within a subset, cells are taken in the order of a seeded hash of their name; per chosen cell:
    the XL tile, its 16 L tiles, 32 of its M tiles (seeded hash order) and the S crop of each chosen
    M tile (XL:L:M:S = 1:16:32:32).
-5. ROI sources: unlabelled ones whole; labelled ones (class from folder or a known split) only
-   their training split, so downstream evaluation never sees pre-training images.
+5. ROI sources: unlabelled ones whole; labelled ones only the training split that the catalog's
+   `train_pattern` names (none without it), so downstream evaluation never sees pre-training images.
 """
 from __future__ import annotations
 
@@ -134,12 +134,14 @@ def wsi_transform(selected: set[TileKey], quality: int):
 
 
 def roi_transform(entry: CatalogEntry, quality: int):
-    """Row transform for packing: unlabelled ROI sources whole, labelled ones their training split only."""
-    labelled = entry.label_from is not None or entry.train_pattern is not None
+    """Row transform for packing: unlabelled ROI sources whole, labelled ones their training split only
+    (none when the catalog names no training files: its images may be someone's test set)."""
 
     def transform(table: pa.Table) -> pa.Table:
-        if labelled:
+        if entry.train_pattern is not None:
             table = table.filter(table.column("_train"))
+        elif entry.label_from is not None:
+            return table.slice(0, 0)
         return _resized(table, quality)
 
     return transform

@@ -32,10 +32,6 @@ SHARD_BYTES = 500 * 1000 * 1000
 RowFilter = Callable[[pa.Table], pa.Table]
 
 
-def folder_of_row(scale: str) -> str:
-    return FOLDER_OF_SCALE[scale]
-
-
 def iter_unit_batches(unit_files: Iterable[Path], transform: RowFilter | None = None) -> Iterator[pa.Table]:
     """Row groups of the given unit files in order, optionally transformed (selection, resizing)."""
     for path in unit_files:
@@ -56,6 +52,7 @@ class _ShardSeries:
         self.written: list[Path] = []
         self.rows = 0
         self._writer: ParquetWriter | None = None
+        self._final: Path | None = None
         self._tmp: Path | None = None
         self._shard_bytes = 0
         self._pending: list[pa.Table] = []
@@ -78,8 +75,8 @@ class _ShardSeries:
             return
         if self._writer is None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            final = self.folder / f"{self.slug}-{len(self.written):05d}.parquet"
-            self._tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+            self._final = self.folder / f"{self.slug}-{len(self.written):05d}.parquet"
+            self._tmp = self._final.with_name(self._final.name + f".tmp{os.getpid()}")
             self._writer = ParquetWriter(path=str(self._tmp), features=FEATURES)
         table = pa.concat_tables(self._pending)
         self._writer.write_table(table, writer_batch_size=table.num_rows)
@@ -91,9 +88,8 @@ class _ShardSeries:
 
     def _close_shard(self) -> None:
         self._writer.finalize()
-        final = self.folder / f"{self.slug}-{len(self.written):05d}.parquet"
-        os.replace(self._tmp, final)
-        self.written.append(final)
+        os.replace(self._tmp, self._final)
+        self.written.append(self._final)
         self._writer, self._shard_bytes = None, 0
 
     def close(self) -> list[Path]:
@@ -119,8 +115,8 @@ def pack_subset(
     for table in iter_unit_batches(unit_files, transform):
         table = table.select(list(COLUMNS))
         scales = table.column("scale").to_pylist()
-        for folder in sorted({folder_of_row(s) for s in scales}):
-            mask = pa.array([folder_of_row(s) == folder for s in scales])
+        for folder in sorted({FOLDER_OF_SCALE[s] for s in scales}):
+            mask = pa.array([FOLDER_OF_SCALE[s] == folder for s in scales])
             part = table.filter(mask)
             series.setdefault(folder, _ShardSeries(config_dir / folder / slug, slug)).add(part)
     written = {folder: s.close() for folder, s in sorted(series.items())}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +11,6 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import yaml
 from datasets import load_dataset
@@ -125,6 +122,9 @@ def test_mini_composition(demo_build: Path) -> None:
     assert {r["subset"] for r in rows} == {"demo-breast-wsi", "demo-colon-wsi", "demo-lung-roi", "demo-blood-roi"}
     lung = [r for r in rows if r["subset"] == "demo-lung-roi"]
     assert lung and all(r["source_file"].startswith("demo-lung-roi/train/") for r in lung)
+    assert all(r["label"] == r["source_file"].split("/")[2] and r["image_id"].startswith(r["label"] + "-") for r in lung)
+    assert {r["label"] for r in lung} == {"adenocarcinoma", "normal"}
+    assert all(r["label"] is None for r in rows if r["subset"] == "demo-blood-roi")
     assert len(lung) == 12
     assert len([r for r in rows if r["subset"] == "demo-blood-roi"]) == 7
 

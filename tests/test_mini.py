@@ -42,3 +42,26 @@ def test_select_wsi_tiles_nests_and_is_seeded() -> None:
     assert all((x // 4, y // 4) in m_set for _, _, x, y in by_scale["S"])
     cells = {k[2] for k in by_scale["XL"]}
     assert all(x // 10 in cells for _, _, x, _ in by_scale["M"])
+
+
+def test_roi_mini_keeps_training_split_and_drops_labelled_sources_without_one() -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from cpia_hf.catalog import CatalogEntry
+    from cpia_hf.imageio import encode_jpeg
+    from cpia_hf.mini import roi_transform
+    from cpia_hf.units import UNIT_SCHEMA
+
+    jpeg = encode_jpeg(np.full((384, 384, 3), 128, np.uint8))
+    rows = [{"image": {"bytes": jpeg, "path": None}, "scale": "M", "kind": "roi", "_train": k < 2, "_ix": -1, "_iy": -1}
+            for k in range(3)]
+    table = pa.Table.from_pylist(rows, schema=UNIT_SCHEMA)
+    base = dict(kind="roi", path="p", pattern="*", organ="lung", disease="d", stain="H&E", field="histopathology",
+                license="l", homepage="h", citation="c", scale="M")
+    unlabelled = CatalogEntry(name="a", **base)
+    with_split = CatalogEntry(name="b", label_from="parent", train_pattern="train/*", **base)
+    without_split = CatalogEntry(name="c", label_from="parent", **base)
+    assert roi_transform(unlabelled, 90)(table).num_rows == 3
+    assert roi_transform(with_split, 90)(table).num_rows == 2
+    assert roi_transform(without_split, 90)(table).num_rows == 0
