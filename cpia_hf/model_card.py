@@ -95,7 +95,7 @@ def evaluation_table(results: list[dict]) -> str:
                         f"| {result.get('protocol', '')} | {result['metric']} | {shown} |")
         body = "\n".join(rows)
     else:
-        body = "No evaluation recorded yet (`cpia eval`, then `cpia card`)."
+        body = "No evaluation recorded yet (`cpia eval ... --card README.md` adds it here)."
     return f"{EVAL_START}\n{body}\n{EVAL_END}"
 
 
@@ -148,6 +148,8 @@ def write_model_card(out_dir: Path, card_context: dict, *, repo_id: str | None =
         plot_loss_curve(loss_history, out_dir / LOSS_CURVE_NAME)
     template = importlib.resources.files("cpia_hf.model_cards").joinpath("model_card.md.j2").read_text()
     config = card_context.get("config")
+    if config:  # the recipe, without this machine's paths
+        config = {k: dataset_name(str(v)) if k == "data" else v for k, v in config.items() if k not in ("out", "cache_dir")}
     card = ModelCard.from_template(
         card_data(card_context),
         template_str=template,
