@@ -118,3 +118,18 @@ def test_cpia_export_from_weights_pushes_model_repo(fake_hub, tmp_path, monkeypa
     reloaded = timm.create_model(f"local-dir:{fake_hub.repo_dir('model', 'someone/cpia-mae-tiny')}", pretrained=True)
     for key, value in backbone.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_train_push_to_hub_uploads_the_exported_model(fake_hub, demo_build, tmp_path, monkeypatch):
+    from cpia_hf.demo import DEMO_TRAIN_ARGS
+    from cpia_hf.train.cli import main as train_main
+
+    monkeypatch.setenv("HF_TOKEN", fake_hub.token)
+    out = tmp_path / "run"
+    train_main([*DEMO_TRAIN_ARGS, "--data", str(demo_build / "dataset"), "--out", str(out),
+                "--push-to-hub", "someone/cpia-demo", "--hub-endpoint", fake_hub.url])
+    model = out / "model"
+    local = {p.relative_to(model).as_posix(): p.read_bytes() for p in model.rglob("*") if p.is_file()}
+    assert fake_hub.received_files("model", "someone/cpia-demo") == local
+    assert 'timm.create_model("hf-hub:someone/cpia-demo"' in local["README.md"].decode()
+    assert fake_hub.token.encode() not in b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())

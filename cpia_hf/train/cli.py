@@ -89,6 +89,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", help="checkpoint folder, or 'latest' in --out")
     run.add_argument("--no-export", dest="export", action="store_false",
                      help="write the encoder but not the Hub folders and model card")
+    run.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the exported model folder to this repo")
+    run.add_argument("--private", action="store_true", help="create the Hub repo private")
+    run.add_argument("--hub-endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
 
     augment = parser.add_argument_group("augmentation")
     augment.add_argument("--crop-scale", type=_pair, help="RandomResizedCrop scale MIN,MAX (method default)")
@@ -114,6 +117,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, name)
         return value if value is not None else recipe.get(recipe_key or name, default)
 
+    if args.push_to_hub and not args.export:
+        raise ValueError("--push-to-hub uploads the exported folder; drop --no-export")
     method_options = {}
     for name, (methods, kind, _) in METHOD_OPTIONS.items():
         value = getattr(args, name)
@@ -142,7 +147,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         clip_grad=pick("clip_grad") or None, drop_path=pick("drop_path", default=0.0),
         mixed_precision=args.mixed_precision, cpu=args.cpu, seed=args.seed, num_workers=args.num_workers,
         log_every=args.log_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-        resume=args.resume, export=args.export, method_options=method_options, augment=augment)
+        resume=args.resume, export=args.export, push_to_hub=args.push_to_hub, private=args.private,
+        hub_endpoint=args.hub_endpoint, method_options=method_options, augment=augment)
 
 
 def run(args: argparse.Namespace) -> int:

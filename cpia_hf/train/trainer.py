@@ -80,6 +80,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str | None = None
     export: bool = True
+    push_to_hub: str | None = None  # model repo id to upload the exported folder to
+    private: bool = False
+    hub_endpoint: str | None = None
     method_options: dict = field(default_factory=dict)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -389,8 +392,16 @@ def train(cfg: TrainConfig, method_cls: type[PretrainMethod]) -> dict:
         if cfg.export:
             from ..export import export_encoder
 
-            model_name = cfg.model_name or f"{unwrapped.backbone_spec['model']}.cpia_{cfg.method}_{cfg.config}"
-            export_encoder(backbone, out / HUB_FOLDER, model_name=model_name, card_context=card_context)
+            model_name = cfg.model_name or (cfg.push_to_hub.split("/")[-1] if cfg.push_to_hub else
+                                            f"{unwrapped.backbone_spec['model']}.cpia_{cfg.method}_{cfg.config}")
+            hub_context = {**card_context, "repo_id": cfg.push_to_hub} if cfg.push_to_hub else card_context
+            export_encoder(backbone, out / HUB_FOLDER, model_name=model_name, card_context=hub_context)
+            if cfg.push_to_hub:
+                from ..hub import push_folder
+
+                url = push_folder(out / HUB_FOLDER, cfg.push_to_hub, repo_type="model", private=cfg.private,
+                                  commit_message=f"Upload {model_name}", endpoint=cfg.hub_endpoint)
+                print(f"pushed to {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return card_context
