@@ -70,10 +70,10 @@ def make_views(row: dict, key: Any, transform: Callable, seed: int, epoch: int) 
         return transform(image)
 
 
-class PretrainImages(torch.utils.data.Dataset):
-    """Map-style views of a `datasets.Dataset` (accelerate shards it across processes)."""
+class _EpochViews:
+    """Rows, their view transform, and the (seed, epoch) that seeds each image's augmentation."""
 
-    def __init__(self, rows: Dataset, transform: Callable, seed: int):
+    def __init__(self, rows: Dataset | IterableDataset, transform: Callable, seed: int):
         self.rows = rows
         self.transform = transform
         self.seed = seed
@@ -81,6 +81,10 @@ class PretrainImages(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+
+class PretrainImages(_EpochViews, torch.utils.data.Dataset):
+    """Map-style views of a `datasets.Dataset` (accelerate shards it across processes)."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -89,20 +93,14 @@ class PretrainImages(torch.utils.data.Dataset):
         return make_views(self.rows[index], index, self.transform, self.seed, self.epoch)
 
 
-class StreamingPretrainImages(torch.utils.data.IterableDataset):
+class StreamingPretrainImages(_EpochViews, torch.utils.data.IterableDataset):
     """Views of a streaming `datasets.IterableDataset` already split for this process.
 
     Iterated inside a DataLoader worker, the underlying dataset hands each worker its own shards.
     """
 
-    def __init__(self, rows: IterableDataset, transform: Callable, seed: int):
-        self.rows = rows
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        super().set_epoch(epoch)
         self.rows.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Any]:
