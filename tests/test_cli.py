@@ -1,0 +1,23 @@
+"""The `cpia` command: subcommands listed without heavy imports, bad input answered without a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from cpia_hf.cli import COMMANDS, main
+
+
+def test_help_lists_every_subcommand_without_importing_torch() -> None:
+    code = "import sys; from cpia_hf.cli import main; main(['--help'])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert all(name in result.stdout for name in COMMANDS)
+    probe = subprocess.run([sys.executable, "-c", "import sys, cpia_hf.cli as c; c.build_parser(); print('torch' in sys.modules)"],
+                           capture_output=True, text=True)
+    assert probe.stdout.strip() == "False"
+
+
+def test_missing_data_is_an_error_message(tmp_path: Path, capsys) -> None:
+    status = main(["train", "--method", "mae", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "run")])
+    assert status == 2
+    assert "absent" in capsys.readouterr().err
