@@ -234,6 +234,43 @@ def test_fast_path_matches_openslide(request, name, max_difference, min_psnr):
         assert psnr(a.pixels, b.pixels) >= min_psnr
 
 
+def split_jpeg_tables(jpeg: bytes) -> tuple[bytes, bytes]:
+    """(tables-only stream, abbreviated image stream) of a baseline JPEG, as TIFF's JPEGTables holds them."""
+    tables, image, pos = [b"\xff\xd8"], [b"\xff\xd8"], 2
+    while True:
+        marker, length = jpeg[pos:pos + 2], int.from_bytes(jpeg[pos + 2:pos + 4], "big")
+        (tables if marker in (b"\xff\xdb", b"\xff\xc4") else image).append(jpeg[pos:pos + 2 + length])
+        pos += 2 + length
+        if marker == b"\xff\xda":  # start of scan: the entropy-coded data and EOI follow
+            return b"".join(tables) + b"\xff\xd9", b"".join(image) + jpeg[pos:]
+
+
+def test_fast_path_reads_shared_jpeg_tables(tmp_path):
+    """Scanner SVS files keep quantisation and Huffman tables once per page (JPEGTables) and
+    abbreviated tile streams; the fast path must decode them as OpenSlide does."""
+    width, height, side = 2304, 2048, 256
+    pixels = he_like_image(width, height, seed=5, tissue=0.9)
+    streams = [split_jpeg_tables(encode_jpeg(pixels[y:y + side, x:x + side]))
+               for y in range(0, height, side) for x in range(0, width, side)]
+    tables = streams[0][0]
+    assert all(t == tables for t, _ in streams)
+    path = tmp_path / "tables.svs"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(iter([s for _, s in streams]), shape=(height, width, 3), dtype=np.uint8, tile=(side, side),
+                  compression="jpeg", photometric="ycbcr", subsampling=(2, 2), metadata=None,
+                  description=f"Aperio Image Library v12.0\r\n{width}x{height} (256x256) JPEG/RGB Q=90|MPP = 0.2500",
+                  extratags=[(347, 7, len(tables), tables, True)])
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].jpegtables == tables
+    assert open_slide_info(path).reader == "tifffile"
+    every = TissueRule("mask", 0.0)
+    fast = list(iter_slide_tiles(path, slide_stem="t", rule=every, reader="tifffile"))
+    slow = list(iter_slide_tiles(path, slide_stem="t", rule=every, reader="openslide"))
+    assert [t.image_id for t in fast] == [t.image_id for t in slow] and {"L", "M"} <= {t.scale for t in fast}
+    for a, b in zip(fast, slow):
+        assert psnr(a.pixels, b.pixels) >= 50
+
+
 def test_half_size_decode_stops_at_odd_level_edge(tmp_path):
     """Averaging 2 x 2 over a level of odd size: the last row and column hold only pixels inside it."""
     path = write_slide(tmp_path / "odd.svs", he_like_image(1201, 901, seed=3), 0.25, levels=1)
