@@ -28,12 +28,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpia_hf import wsi  # noqa: E402
-from cpia_hf.catalog import CatalogEntry  # noqa: E402
-from cpia_hf.imageio import encode_jpeg  # noqa: E402
-from cpia_hf.units import ConvertOptions, Unit, convert_unit  # noqa: E402
+from cpia_hf.dataset import slides as wsi  # noqa: E402
+from cpia_hf.dataset.catalog import CatalogEntry  # noqa: E402
+from cpia_hf.dataset.imageio import encode_jpeg  # noqa: E402
+from cpia_hf.dataset.units import ConvertOptions, Unit, convert_unit  # noqa: E402
+from cpia_hf.demo.synth import he_like_image, write_slide  # noqa: E402
 from cpia_hf.standard import SCALES, STANDARD_MPP  # noqa: E402
-from cpia_hf.synth import he_like_image, write_slide  # noqa: E402
 
 
 def cpu_seconds() -> float:

@@ -29,7 +29,7 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpia_hf.train import METHODS  # noqa: E402
-from cpia_hf.train.cli import build_config, configure_parser  # noqa: E402
+from cpia_hf.train.cli import build_config, configure_train  # noqa: E402
 from cpia_hf.train.trainer import build_optimizer  # noqa: E402
 
 REFERENCE = "transformers ViTMAEForPreTraining"
@@ -38,7 +38,7 @@ REFERENCE = "transformers ViTMAEForPreTraining"
 def method_step(method: str, args: argparse.Namespace, device: torch.device) -> tuple[Callable[[], None], int]:
     """A closure running one training step of `method` on a fixed random batch, and its image count."""
     parser = argparse.ArgumentParser()
-    configure_parser(parser)
+    configure_train(parser)
     cfg = build_config(parser.parse_args([
         "--method", method, "--data", "unused", "--out", "unused", "--model", args.model,
         "--img-size", str(args.img_size), "--local-crops", str(args.local_crops)]))

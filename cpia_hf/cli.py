@@ -6,13 +6,13 @@ import importlib
 import logging
 import sys
 
-# subcommand -> (module exposing configure_parser/run, help)
+# subcommand -> (the stage's cli module, help); the module defines configure_<name>(parser) and run_<name>(args)
 COMMANDS = {
-    "convert": ("cpia_hf.convert", "convert source datasets into a CPIA dataset folder"),
-    "demo": ("cpia_hf.demo", "generate sample sources and convert them (offline)"),
-    "push": ("cpia_hf.hub", "upload a dataset folder to the Hugging Face Hub"),
+    "convert": ("cpia_hf.dataset.cli", "convert source datasets into a CPIA dataset folder"),
+    "push": ("cpia_hf.dataset.cli", "upload a dataset folder to the Hugging Face Hub"),
+    "demo": ("cpia_hf.demo.cli", "generate sample sources and convert them (offline)"),
     "train": ("cpia_hf.train.cli", "self-supervised pre-training (MAE, DINO, MoCo-v3)"),
-    "export": ("cpia_hf.export", "export a trained encoder for transformers and timm"),
+    "export": ("cpia_hf.model.cli", "export a trained encoder for transformers and timm"),
     "eval": ("cpia_hf.evaluate.cli", "kNN, linear probe or fine-tuning evaluation"),
 }
 
@@ -26,8 +26,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if name == command:
             module = importlib.import_module(module_name)
-            module.configure_parser(sub)
-            sub.set_defaults(handler=module.run)
+            getattr(module, f"configure_{name}")(sub)
+            sub.set_defaults(handler=getattr(module, f"run_{name}"))
     return parser
 
 

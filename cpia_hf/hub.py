@@ -1,7 +1,6 @@
 """Push a built dataset folder or an exported model folder to the Hugging Face Hub."""
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
@@ -65,18 +64,3 @@ def push_folder(folder: Path, repo_id: str, *, repo_type: str = "dataset", priva
     api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type,
                       commit_message=commit_message, ignore_patterns=list(ignore_patterns or []))
     return str(repo_url)
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repo", type=Path, required=True, help="built dataset folder (cpia convert / cpia demo)")
-    parser.add_argument("--repo-id", required=True, help="Hub dataset repo, e.g. user/CPIA")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
-
-
-def run(args: argparse.Namespace) -> int:
-    url = push_folder(args.repo, args.repo_id, repo_type="dataset", private=args.private,
-                      commit_message=f"Upload {args.repo.name} with cpia-hf",
-                      ignore_patterns=DATASET_IGNORE_PATTERNS, endpoint=args.endpoint)
-    print(f"pushed {args.repo} to {url}")
-    return 0

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cpia_hf.demo import build_demo
+from cpia_hf.demo.demo import build_demo
 
 
 @pytest.fixture(scope="session")

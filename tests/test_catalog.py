@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cpia_hf.catalog import (
+from cpia_hf.dataset.catalog import (
     ORGANS,
     CatalogEntry,
     CatalogError,

@@ -16,11 +16,11 @@ import yaml
 from datasets import load_dataset
 from PIL import Image
 
-from cpia_hf.catalog import load_catalog
-from cpia_hf.convert import convert
-from cpia_hf.mini import CELL_DIVISOR, M_PER_CELL
+from cpia_hf.dataset.catalog import load_catalog
+from cpia_hf.dataset.convert import convert
+from cpia_hf.dataset.mini import CELL_DIVISOR, M_PER_CELL
+from cpia_hf.demo.synth import he_like_image, write_slide
 from cpia_hf.standard import FOLDER_OF_SCALE, SCALE_SIDES, STANDARD_MPP
-from cpia_hf.synth import he_like_image, write_slide
 
 CONFIGS = ("full", "L", "M", "S", "mini", "mini_L", "mini_M", "mini_S")
 

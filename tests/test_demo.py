@@ -7,7 +7,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from cpia_hf.demo import demo_features, train_demo_model
+from cpia_hf.demo.demo import demo_features, train_demo_model
 
 
 def test_demo_trains_exports_and_loads_back(demo_build: Path, tmp_path: Path) -> None:

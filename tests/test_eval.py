@@ -17,7 +17,8 @@ import timm
 import torch
 from PIL import Image
 
-from cpia_hf.evaluate import cli, features as features_module
+from cpia_hf.evaluate import cli
+from cpia_hf.evaluate import features as features_module
 from cpia_hf.evaluate.data import load_labelled_data
 from cpia_hf.evaluate.metrics import classification_metrics, evaluation_results, summarize
 from cpia_hf.evaluate.models import load_encoder
@@ -99,7 +100,7 @@ def timm_model_dir(tmp_path_factory) -> Path:
 
 def eval_args(model: Path, data: Path, out: Path, *extra: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cli.configure_parser(parser)
+    cli.configure_eval(parser)
     return parser.parse_args(["--model", str(model), "--data", str(data), "--out", str(out),
                               "--num-workers", "0", "--batch-size", "32", *extra])
 
@@ -198,7 +199,7 @@ def test_valid_split_and_bool_labels_as_on_the_hub(tmp_path, timm_model_dir):
         + "".join(f"  - split: {split}\n    path: data/{split}.parquet\n" for split in ("train", "valid", "test"))
         + "---\n")
     out = tmp_path / "out"
-    assert cli.run(eval_args(timm_model_dir, tmp_path, out, "--protocol", "knn")) == 0
+    assert cli.run_eval(eval_args(timm_model_dir, tmp_path, out, "--protocol", "knn")) == 0
     splits = json.loads((out / "splits.json").read_text())
     assert splits["classes"] == ["False", "True"]
     assert splits["splits"]["validation"]["source_split"] == "valid"
@@ -209,7 +210,7 @@ def test_valid_split_and_bool_labels_as_on_the_hub(tmp_path, timm_model_dir):
 
 
 def test_missing_label_column_is_a_clear_error(three_split_dir, tmp_path, timm_model_dir, capsys):
-    status = cli.run(eval_args(timm_model_dir, three_split_dir, tmp_path, "--label-column", "diagnosis"))
+    status = cli.run_eval(eval_args(timm_model_dir, three_split_dir, tmp_path, "--label-column", "diagnosis"))
     assert status == 2
     assert "no column 'diagnosis'" in capsys.readouterr().err
 
@@ -266,7 +267,7 @@ def test_layer_decay_scales_learning_rate_by_depth(timm_model_dir):
 
 def test_knn_and_linear_probe_separate_colour_classes(single_split_dir, timm_model_dir, tmp_path):
     out = tmp_path / "out"
-    assert cli.run(eval_args(timm_model_dir, single_split_dir, out,
+    assert cli.run_eval(eval_args(timm_model_dir, single_split_dir, out,
                              "--protocol", "knn", "linear", "--linear-seeds", "3")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split_sizes"] == {"train": 210, "validation": 30, "test": 60}
@@ -291,7 +292,7 @@ def test_knn_and_linear_probe_separate_colour_classes(single_split_dir, timm_mod
     original = features_module.predict
     features_module.predict = no_extraction
     try:
-        assert cli.run(eval_args(timm_model_dir, single_split_dir, out, "--protocol", "knn")) == 0
+        assert cli.run_eval(eval_args(timm_model_dir, single_split_dir, out, "--protocol", "knn")) == 0
     finally:
         features_module.predict = original
     rerun = json.loads((out / "metrics.json").read_text())
@@ -300,7 +301,7 @@ def test_knn_and_linear_probe_separate_colour_classes(single_split_dir, timm_mod
 
 def test_shuffled_labels_stay_at_chance(shuffled_dir, timm_model_dir, tmp_path):
     out = tmp_path / "out"
-    assert cli.run(eval_args(timm_model_dir, shuffled_dir, out,
+    assert cli.run_eval(eval_args(timm_model_dir, shuffled_dir, out,
                              "--protocol", "knn", "linear", "--linear-seeds", "3")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     chance = 1 / 3
@@ -312,7 +313,7 @@ def test_shuffled_labels_stay_at_chance(shuffled_dir, timm_model_dir, tmp_path):
 
 def test_finetune_runs_two_epochs_on_cpu(three_split_dir, timm_model_dir, tmp_path):
     out = tmp_path / "out"
-    assert cli.run(eval_args(timm_model_dir, three_split_dir, out, "--protocol", "finetune", "--epochs", "2",
+    assert cli.run_eval(eval_args(timm_model_dir, three_split_dir, out, "--protocol", "finetune", "--epochs", "2",
                              "--warmup-epochs", "1", "--lr", "1e-2")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     run = metrics["protocols"]["finetune"]["runs"][0]
@@ -327,7 +328,7 @@ def test_finetune_runs_two_epochs_on_cpu(three_split_dir, timm_model_dir, tmp_pa
 
 def test_results_for_the_model_card(three_split_dir, timm_model_dir, tmp_path):
     out = tmp_path / "out"
-    assert cli.run(eval_args(timm_model_dir, three_split_dir, out, "--protocol", "knn",
+    assert cli.run_eval(eval_args(timm_model_dir, three_split_dir, out, "--protocol", "knn",
                              "--dataset-name", "owner/colours")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     results = evaluation_results(metrics)
@@ -343,7 +344,7 @@ def test_results_for_the_model_card(three_split_dir, timm_model_dir, tmp_path):
 @pytest.fixture(scope="module")
 def exported_model_dir(tmp_path_factory) -> Path:
     """The tiny ViT exported as a CPIA model repo (timm layout at the root, ViTModel in vit/, card)."""
-    export = pytest.importorskip("cpia_hf.export")
+    export = pytest.importorskip("cpia_hf.model.export")
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **VIT_ARGS)
@@ -361,9 +362,9 @@ def test_exported_cpia_model_loads_through_timm_and_transformers(exported_model_
 
 
 def test_card_folding(three_split_dir, exported_model_dir, tmp_path):
-    pytest.importorskip("cpia_hf.model_card")
+    pytest.importorskip("cpia_hf.model.card")
     card = exported_model_dir / "README.md"
-    assert cli.run(eval_args(exported_model_dir, three_split_dir, tmp_path / "out", "--protocol", "knn",
+    assert cli.run_eval(eval_args(exported_model_dir, three_split_dir, tmp_path / "out", "--protocol", "knn",
                              "--dataset-name", "owner/colours", "--card", str(card))) == 0
     accuracy = json.loads((tmp_path / "out" / "metrics.json").read_text())["protocols"]["knn"]["summary"]["test"]
     text = card.read_text()

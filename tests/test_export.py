@@ -9,8 +9,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModel, TimmWrapperModel, ViTImageProcessor, ViTModel
 
-from cpia_hf.export import export_encoder
-from cpia_hf.model_card import update_model_card_evaluation, write_model_card
+from cpia_hf.model.card import update_model_card_evaluation, write_model_card
+from cpia_hf.model.export import export_encoder
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=0, global_pool="token",
                 dynamic_img_size=False)

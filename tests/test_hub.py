@@ -4,10 +4,12 @@ import json
 import pytest
 import timm
 import torch
+from fakehub import fake_hub  # noqa: F401  (pytest fixture)
 from safetensors.torch import save_file
 
-from cpia_hf import export, hub
-from fakehub import fake_hub  # noqa: F401  (pytest fixture)
+from cpia_hf import hub
+from cpia_hf.dataset.cli import run_push
+from cpia_hf.model.cli import configure_export, run_export
 
 
 def dataset_folder(root):
@@ -36,7 +38,7 @@ def test_cpia_push_uploads_exactly_the_dataset_files(fake_hub, tmp_path, monkeyp
     monkeypatch.setenv("HF_TOKEN", fake_hub.token)
     args = argparse.Namespace(repo=folder, repo_id="someone/cpia-test", private=True, endpoint=fake_hub.url)
 
-    assert hub.run(args) == 0
+    assert run_push(args) == 0
 
     assert fake_hub.received_files("dataset", "someone/cpia-test") == files
     assert [path for _, path, _ in fake_hub.requests] == [
@@ -55,7 +57,7 @@ def test_cpia_push_uploads_exactly_the_dataset_files(fake_hub, tmp_path, monkeyp
     # a second push to the existing repo (409 on create) adds a new shard
     (folder / "data/mini/L/camelyon/camelyon-00000.parquet").parent.mkdir(parents=True)
     (folder / "data/mini/L/camelyon/camelyon-00000.parquet").write_bytes(b"new shard")
-    assert hub.run(args) == 0
+    assert run_push(args) == 0
     received = fake_hub.received_files("dataset", "someone/cpia-test")
     assert received["data/mini/L/camelyon/camelyon-00000.parquet"] == b"new shard"
     assert len(received) == len(files) + 1
@@ -99,7 +101,7 @@ def test_cpia_export_from_weights_pushes_model_repo(fake_hub, tmp_path, monkeypa
     context.write_text(json.dumps({"method": "mae", "steps": 3, "loss_history": [[1, 0.9], [2, 0.7], [3, 0.6]]}))
     monkeypatch.setenv("HF_TOKEN", fake_hub.token)
     parser = argparse.ArgumentParser()
-    export.configure_parser(parser)
+    configure_export(parser)
     out = tmp_path / "cpia-mae-tiny"
     args = parser.parse_args([
         "--weights", str(tmp_path / "encoder.safetensors"), "--model", "vit_tiny_patch16_224",
@@ -107,7 +109,7 @@ def test_cpia_export_from_weights_pushes_model_repo(fake_hub, tmp_path, monkeypa
         "--push-to-hub", "someone/cpia-mae-tiny", "--endpoint", fake_hub.url,
     ])
 
-    assert export.run(args) == 0
+    assert run_export(args) == 0
 
     local = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert {"config.json", "model.safetensors", "README.md", "loss_curve.png", "vit/config.json",
@@ -121,7 +123,7 @@ def test_cpia_export_from_weights_pushes_model_repo(fake_hub, tmp_path, monkeypa
 
 
 def test_train_push_to_hub_uploads_the_exported_model(fake_hub, demo_build, tmp_path, monkeypatch):
-    from cpia_hf.demo import DEMO_TRAIN_ARGS
+    from cpia_hf.demo.demo import DEMO_TRAIN_ARGS
     from cpia_hf.train.cli import main as train_main
 
     monkeypatch.setenv("HF_TOKEN", fake_hub.token)

@@ -1,7 +1,7 @@
 """Mini selection rule: organ-balanced water-filling and the per-cell tile choice."""
 from __future__ import annotations
 
-from cpia_hf.mini import M_PER_CELL, cell_quota, select_wsi_tiles, water_fill
+from cpia_hf.dataset.mini import M_PER_CELL, cell_quota, select_wsi_tiles, water_fill
 
 
 def test_water_fill_shares_equally_and_respects_capacity() -> None:
@@ -48,10 +48,10 @@ def test_roi_mini_keeps_training_split_and_drops_labelled_sources_without_one() 
     import numpy as np
     import pyarrow as pa
 
-    from cpia_hf.catalog import CatalogEntry
-    from cpia_hf.imageio import encode_jpeg
-    from cpia_hf.mini import roi_transform
-    from cpia_hf.units import UNIT_SCHEMA
+    from cpia_hf.dataset.catalog import CatalogEntry
+    from cpia_hf.dataset.imageio import encode_jpeg
+    from cpia_hf.dataset.mini import roi_transform
+    from cpia_hf.dataset.units import UNIT_SCHEMA
 
     jpeg = encode_jpeg(np.full((384, 384, 3), 128, np.uint8))
     rows = [{"image": {"bytes": jpeg, "path": None}, "scale": "M", "kind": "roi", "_train": k < 2, "_ix": -1, "_iy": -1}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpia_hf.roi import RoiError, convert_roi
-from cpia_hf.synth import he_like_image
+from cpia_hf.dataset.roi import RoiError, convert_roi
+from cpia_hf.demo.synth import he_like_image
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

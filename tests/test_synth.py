@@ -6,7 +6,7 @@ import openslide
 import pytest
 from PIL import Image
 
-from cpia_hf.synth import he_like_image, write_slide
+from cpia_hf.demo.synth import he_like_image, write_slide
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

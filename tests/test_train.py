@@ -9,21 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
-import datasets
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
 from timm.models import VisionTransformer
 from timm.optim import create_optimizer_v2
 
-from cpia_hf.imageio import encode_jpeg
+from cpia_hf.dataset.imageio import encode_jpeg
+from cpia_hf.model.backbone import load_backbone_from_checkpoint
 from cpia_hf.schema import FEATURES
 from cpia_hf.train import METHODS, cli
 from cpia_hf.train.augment import AugmentConfig, MAEView, MultiCrop, RandomHEDJitter, RandomRotate90
 from cpia_hf.train.data import build_loader, load_pretrain_rows, make_views
-from cpia_hf.train.trainer import load_backbone_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = 32
@@ -83,7 +83,7 @@ def train_args(method: str, data: Path, out: Path, *extra: str) -> list[str]:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cli.configure_parser(parser)
+    cli.configure_train(parser)
     return parser.parse_args(argv)
 
 

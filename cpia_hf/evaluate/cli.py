@@ -17,7 +17,13 @@ from accelerate import Accelerator
 from .data import LabelledData, load_labelled_data
 from .features import encoder_fingerprint, extract_features
 from .metrics import (
-    METRIC_NAMES, METRIC_TITLES, classification_metrics, confusion, evaluation_results, format_percent, summarize,
+    METRIC_NAMES,
+    METRIC_TITLES,
+    classification_metrics,
+    confusion,
+    evaluation_results,
+    format_percent,
+    summarize,
 )
 from .models import load_encoder
 from .protocols import FinetuneSettings, KnnSettings, LinearSettings, finetune, knn, linear_probe
@@ -25,7 +31,7 @@ from .protocols import FinetuneSettings, KnnSettings, LinearSettings, finetune, 
 PROTOCOLS = ("knn", "linear", "finetune")
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def configure_eval(parser: argparse.ArgumentParser) -> None:
     """Arguments of `cpia eval`."""
     parser.add_argument("--model", required=True,
                         help="model folder (timm or transformers layout), Hub repo id, or timm model name")
@@ -66,7 +72,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     finetune_args.add_argument("--label-smoothing", type=float, default=FinetuneSettings.label_smoothing)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_eval(args: argparse.Namespace) -> int:
     """Evaluate, write splits.json, metrics.json and results.md, and fold them into a card if asked."""
     try:
         data = load_labelled_data(args.data, args.config, args.label_column, args.image_column, args.seed,
@@ -123,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         (args.out / "results.md").write_text(table)
         print(table)
         if args.card is not None:
-            from cpia_hf.model_card import update_model_card_evaluation
+            from cpia_hf.model.card import update_model_card_evaluation
 
             try:
                 update_model_card_evaluation(args.card, evaluation_results(metrics))

@@ -10,8 +10,8 @@ export needs (class token, final norm, no fc_norm) nor our per-step seeding for 
 from .dino import DINO
 from .mae import MAE
 from .mocov3 import MoCoV3
-from .trainer import PretrainMethod, TrainConfig, load_backbone_from_checkpoint, train
+from .trainer import PretrainMethod, TrainConfig, train
 
 METHODS: dict[str, type[PretrainMethod]] = {"mae": MAE, "dino": DINO, "mocov3": MoCoV3}
 
-__all__ = ["METHODS", "TrainConfig", "train", "load_backbone_from_checkpoint"]
+__all__ = ["METHODS", "PretrainMethod", "TrainConfig", "train"]

@@ -14,8 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 # Ruifrok & Johnston optical densities of haematoxylin, eosin and DAB (rows), as used by
 # skimage.color.rgb2hed; written out here so that scikit-image need not be a dependency for two

@@ -4,13 +4,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import timm
 from accelerate import PartialState
 
+from ..hub import push_folder
+from ..model.backbone import load_backbone_from_checkpoint
+from ..model.export import export_encoder
 from . import METHODS
 from .augment import AugmentConfig
 from .trainer import TrainConfig, train
+
+HUB_FOLDER = "model"  # the exported, Hub-ready folder inside a run's output folder
 
 # Method options: flag -> (methods it applies to, type, help). Unset flags keep the method's default.
 METHOD_OPTIONS = {
@@ -42,7 +48,7 @@ def _pair(text: str) -> tuple[float, float]:
     return low, high
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def configure_train(parser: argparse.ArgumentParser) -> None:
     """Add the `cpia train` arguments."""
     parser.add_argument("--method", required=True, choices=sorted(METHODS))
     parser.add_argument("--data", required=True, help="dataset folder or Hub id")
@@ -151,20 +157,37 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         hub_endpoint=args.hub_endpoint, method_options=method_options, augment=augment)
 
 
-def run(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
     """Run `cpia train`; returns the exit status."""
     cfg = build_config(args)
     context = train(cfg, METHODS[cfg.method])
     if PartialState().is_main_process:
         print(f"{cfg.method}: {context['steps']} steps, final loss {context['final_loss']:.4f}, output in {cfg.out}")
+        if cfg.export:
+            publish_run(cfg, context)
     return 0
+
+
+def publish_run(cfg: TrainConfig, card_context: dict) -> Path:
+    """Export the finished run's encoder as the Hub folder `<out>/model` (and push it when asked)."""
+    backbone = load_backbone_from_checkpoint(cfg.out)
+    model_name = cfg.model_name or (cfg.push_to_hub.split("/")[-1] if cfg.push_to_hub else
+                                    f"{backbone.pretrained_cfg['architecture']}.cpia_{cfg.method}_{cfg.config}")
+    hub_context = {**card_context, "repo_id": cfg.push_to_hub} if cfg.push_to_hub else card_context
+    model_dir = Path(cfg.out) / HUB_FOLDER
+    export_encoder(backbone, model_dir, model_name=model_name, card_context=hub_context)
+    if cfg.push_to_hub:
+        url = push_folder(model_dir, cfg.push_to_hub, repo_type="model", private=cfg.private,
+                          commit_message=f"Upload {model_name}", endpoint=cfg.hub_endpoint)
+        print(f"pushed to {url}")
+    return model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m cpia_hf.train` and `accelerate launch -m cpia_hf.train`."""
     parser = argparse.ArgumentParser(prog="cpia train", description=__doc__)
-    configure_parser(parser)
-    return run(parser.parse_args(argv))
+    configure_train(parser)
+    return run_train(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from timm.models import VisionTransformer
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from ..model.backbone import create_backbone
 from .augment import AugmentConfig, MultiCrop
-from .trainer import PretrainMethod, TrainConfig, create_backbone, momentum_schedule
+from .trainer import PretrainMethod, TrainConfig, momentum_schedule
 
 
 class DINOHead(nn.Module):

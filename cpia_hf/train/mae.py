@@ -18,8 +18,9 @@ from timm.models import VisionTransformer
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ..model.backbone import create_backbone
 from .augment import AugmentConfig, MAEView
-from .trainer import PretrainMethod, TrainConfig, create_backbone
+from .trainer import PretrainMethod, TrainConfig
 
 
 def sincos_pos_embed(grid_size: tuple[int, int], dim: int, cls_token: bool = True) -> torch.Tensor:

@@ -22,9 +22,10 @@ from accelerate.utils import gather
 from timm.models import VisionTransformer
 from torch import nn
 
+from ..model.backbone import create_backbone
 from .augment import AugmentConfig, TwoViews
 from .mae import sincos_pos_embed
-from .trainer import PretrainMethod, TrainConfig, create_backbone, momentum_schedule
+from .trainer import PretrainMethod, TrainConfig, momentum_schedule
 
 
 def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:

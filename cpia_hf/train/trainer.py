@@ -17,26 +17,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import timm
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
-from safetensors.torch import load_file, save_file
 from timm.models import VisionTransformer
 from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
+from ..model.backbone import save_backbone
 from ..standard import stable_unit_float
 from .augment import AugmentConfig
 from .data import build_loader, load_pretrain_rows
 
-ENCODER_WEIGHTS = "encoder.safetensors"
-ENCODER_CONFIG = "encoder_config.json"
 TRAIN_LOG = "train_log.jsonl"
 TRAIN_CONFIG = "train_config.json"
 CARD_CONTEXT = "card_context.json"
 CHECKPOINTS = "checkpoints"
-HUB_FOLDER = "model"
 LR_BATCH_REFERENCE = 256
 
 
@@ -101,52 +97,6 @@ def cosine_schedule(step: int, total_steps: int, start: float, end: float, warmu
 def momentum_schedule(step: int, total_steps: int, base: float) -> float:
     """EMA momentum rising from `base` to 1 along a half-cosine (DINO, MoCo-v3)."""
     return 1 - (1 - base) * 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))
-
-
-def create_backbone(
-    model: str,
-    *,
-    img_size: int,
-    init: str | None = None,
-    model_kwargs: dict | None = None,
-    **overrides: Any,
-) -> tuple[VisionTransformer, dict]:
-    """A plain timm ViT (class token, final norm, no fc_norm, no LayerScale, token pool, no head).
-
-    Returns the backbone and the creation spec (`{"model", "kwargs"}`) that rebuilds it.
-    `init` names pretrained timm weights (e.g. `vit_small_patch16_224.augreg_in21k`) to start from.
-    """
-    kwargs = dict(model_kwargs or {})
-    kwargs.update(img_size=img_size, num_classes=0, global_pool="token", class_token=True, fc_norm=False,
-                  init_values=None, **overrides)
-    name = init or model
-    backbone = timm.create_model(name, pretrained=bool(init), **kwargs)
-    if not isinstance(backbone, VisionTransformer) or backbone.num_prefix_tokens != 1:
-        raise ValueError(f"{name}: pre-training needs a timm VisionTransformer with one class token")
-    spec_kwargs = {k: v for k, v in kwargs.items() if k not in ("drop_path_rate", "weight_init")}
-    return backbone, {"model": name.split(".")[0], "kwargs": spec_kwargs}
-
-
-def save_backbone(backbone: VisionTransformer, spec: dict, out_dir: Path) -> Path:
-    """Write the backbone's timm state dict and its creation spec into `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    save_file(state, str(out_dir / ENCODER_WEIGHTS), metadata={"format": "pt"})
-    (out_dir / ENCODER_CONFIG).write_text(json.dumps(spec, indent=2) + "\n")
-    return out_dir / ENCODER_WEIGHTS
-
-
-def load_backbone_from_checkpoint(ckpt_dir: str | Path) -> VisionTransformer:
-    """The timm backbone saved in a checkpoint folder (or a finished run's output folder)."""
-    ckpt_dir = Path(ckpt_dir)
-    weights, config = ckpt_dir / ENCODER_WEIGHTS, ckpt_dir / ENCODER_CONFIG
-    for path in (weights, config):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; not a cpia training checkpoint or output folder")
-    spec = json.loads(config.read_text())
-    backbone = timm.create_model(spec["model"], pretrained=False, **spec["kwargs"])
-    backbone.load_state_dict(load_file(str(weights)))
-    return backbone.eval()
 
 
 def build_optimizer(method: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
@@ -389,19 +339,6 @@ def train(cfg: TrainConfig, method_cls: type[PretrainMethod]) -> dict:
         backbone = unwrapped.export_backbone()
         save_backbone(backbone, unwrapped.backbone_spec, out)
         (out / CARD_CONTEXT).write_text(json.dumps(card_context, indent=2) + "\n")
-        if cfg.export:
-            from ..export import export_encoder
-
-            model_name = cfg.model_name or (cfg.push_to_hub.split("/")[-1] if cfg.push_to_hub else
-                                            f"{unwrapped.backbone_spec['model']}.cpia_{cfg.method}_{cfg.config}")
-            hub_context = {**card_context, "repo_id": cfg.push_to_hub} if cfg.push_to_hub else card_context
-            export_encoder(backbone, out / HUB_FOLDER, model_name=model_name, card_context=hub_context)
-            if cfg.push_to_hub:
-                from ..hub import push_folder
-
-                url = push_folder(out / HUB_FOLDER, cfg.push_to_hub, repo_type="model", private=cfg.private,
-                                  commit_message=f"Upload {model_name}", endpoint=cfg.hub_endpoint)
-                print(f"pushed to {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return card_context

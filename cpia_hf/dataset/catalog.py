@@ -6,7 +6,6 @@ which metadata every row of that subset carries (organ, disease, stain, field, l
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
 import math
 import re
 from dataclasses import dataclass
@@ -15,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from .standard import SCALES
+from ..resources import CATALOG, resource_path
+from ..standard import SCALES
 
 UNKNOWN = "unknown"
 KINDS = ("wsi", "roi")
@@ -76,8 +76,8 @@ def subset_slug(name: str) -> str:
 
 
 def default_catalog_path() -> Path:
-    """The catalog shipped with the package (conversion/catalog.yaml)."""
-    return Path(str(importlib.resources.files("cpia_hf.conversion") / "catalog.yaml"))
+    """The release catalog (`conversion/catalog.yaml`, shipped with the package)."""
+    return resource_path(CATALOG)
 
 
 def load_catalog(path: str | Path) -> list[CatalogEntry]:
@@ -139,7 +139,7 @@ def _validate_entry(raw: Any) -> CatalogEntry:
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {KINDS}")
     if raw["organ"] not in ORGANS + (UNKNOWN,):
-        raise ValueError(f"organ {raw['organ']!r} is not in the organ vocabulary (cpia_hf.catalog.ORGANS)")
+        raise ValueError(f"organ {raw['organ']!r} is not in the organ vocabulary (cpia_hf.dataset.catalog.ORGANS)")
     if raw["field"] not in FIELDS_OF_STUDY:
         raise ValueError(f"field {raw['field']!r} is not one of {FIELDS_OF_STUDY}")
     if raw["homepage"] != UNKNOWN and not raw["homepage"].startswith(("https://", "http://")):

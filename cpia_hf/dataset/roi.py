@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .standard import ROI_SIDE
+from ..standard import ROI_SIDE
 
 DEFAULT_MAX_PIXELS = 1 << 30  # ROI sources include gigapixel-free but large images (e.g. 40k x 20k)
 

@@ -2,9 +2,9 @@
 
 ``card_context`` keys (all optional unless noted):
     model_name (str, required)          name on the card and in model-index
-    repo_id                             Hub model repo, used by cpia_hf.export for the usage snippets
-    architecture, num_features          timm architecture and feature size (set by cpia_hf.export)
-    image_size, mean, std               eval preprocessing (set by cpia_hf.export)
+    repo_id                             Hub model repo, used by cpia_hf.model.export for the usage snippets
+    architecture, num_features          timm architecture and feature size (set by cpia_hf.model.export)
+    image_size, mean, std               eval preprocessing (set by cpia_hf.model.export)
     method                              "mae" | "mocov3" | "dino"
     dataset, dataset_config             CPIA Hub id or local data folder, and its config (e.g. "mini")
     base_model                          Hub id of the weights training started from
@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import importlib.resources
 import re
 from pathlib import Path
 
@@ -26,7 +25,8 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from matplotlib.figure import Figure
 
-from .standard import STANDARD_MPP
+from ..resources import MODEL_CARD_TEMPLATE, read_resource
+from ..standard import STANDARD_MPP
 
 LOSS_CURVE_NAME = "loss_curve.png"
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
@@ -146,7 +146,7 @@ def write_model_card(out_dir: Path, card_context: dict, *, repo_id: str | None =
     loss_history = card_context.get("loss_history") or []
     if loss_history:
         plot_loss_curve(loss_history, out_dir / LOSS_CURVE_NAME)
-    template = importlib.resources.files("cpia_hf.model_cards").joinpath("model_card.md.j2").read_text()
+    template = read_resource(MODEL_CARD_TEMPLATE)
     config = card_context.get("config")
     if config:  # the recipe, without this machine's paths
         config = {k: dataset_name(str(v)) if k == "data" else v for k, v in config.items() if k not in ("out", "cache_dir")}

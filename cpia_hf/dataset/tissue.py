@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .standard import WHITE_LEVEL, release_is_blank, release_keeps_xl
+from ..standard import WHITE_LEVEL, release_is_blank, release_keeps_xl
 
 RULES = ("release", "mask")
 # Otsu's threshold on saturation is clamped to this range, so that a slide that is all tissue or

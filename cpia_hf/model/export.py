@@ -8,7 +8,7 @@ weights and config at the repo root; Phikon: a transformers ``ViTModel``):
                                      a config holding ``pretrained_cfg`` to ``TimmWrapperModel``
     vit/                             native ``ViTModel``: ``ViTModel.from_pretrained("<id>", subfolder="vit")``
       config.json, model.safetensors, preprocessor_config.json
-    README.md, loss_curve.png        model card (cpia_hf.model_card)
+    README.md, loss_curve.png        model card (cpia_hf.model.card)
 
 timm only reads the repo root, transformers also reads a subfolder, hence timm at the root. The
 encoder must be a plain ViT (class token, final norm, no fc_norm, LayerScale or registers) so the
@@ -17,21 +17,17 @@ encoder must be a plain ViT (class token, final norm, no fc_norm, LayerScale or 
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-import timm
 import torch
-from safetensors.torch import load_file
 from timm.layers import Mlp
 from timm.models import VisionTransformer, save_for_hf
 from timm.models.vision_transformer import Block
 from torch import nn
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-from .hub import push_folder
-from .model_card import LOSS_CURVE_NAME, write_model_card
+from .card import LOSS_CURVE_NAME, write_model_card
 
 VIT_SUBFOLDER = "vit"
 
@@ -171,7 +167,7 @@ def export_encoder(backbone: VisionTransformer, out_dir: Path, *, model_name: st
     """Write the Hub-ready repo folder for ``backbone``; returns the paths of its parts.
 
     ``model_name`` names the model on its card; ``card_context`` is what the training run
-    recorded (see ``cpia_hf.model_card``), with optional ``mean``/``std`` of its normalisation.
+    recorded (see ``cpia_hf.model.card``), with optional ``mean``/``std`` of its normalisation.
     """
     check_plain_vit(backbone)
     out_dir = Path(out_dir)
@@ -200,63 +196,3 @@ def export_encoder(backbone: VisionTransformer, out_dir: Path, *, model_name: st
     if card_context.get("loss_history"):
         paths["loss_curve"] = out_dir / LOSS_CURVE_NAME
     return paths
-
-
-def backbone_from_weights(weights: Path, model: str, model_args: dict | None = None) -> VisionTransformer:
-    """timm ``model`` without head (``model_args`` override its defaults) holding a safetensors state dict."""
-    if not Path(weights).is_file():
-        raise FileNotFoundError(f"{weights}: weights file not found")
-    state_dict = load_file(weights)
-    backbone = timm.create_model(model, pretrained=False, **{"num_classes": 0, "global_pool": "token",
-                                                             **(model_args or {})})
-    try:
-        backbone.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise ValueError(f"{weights}: does not fit timm model {model!r} {model_args or ''}: {error}") from error
-    return backbone
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="training checkpoint folder (cpia train)")
-    source.add_argument("--weights", type=Path, help="safetensors state dict of a timm ViT")
-    parser.add_argument("--model", required=True,
-                        help="timm architecture, e.g. vit_base_patch16_224 (checked against a checkpoint)")
-    parser.add_argument("--model-args", type=json.loads, default={},
-                        help='JSON of timm model arguments for --weights, e.g. \'{"img_size": 384}\'')
-    parser.add_argument("--out", type=Path, required=True, help="output repo folder")
-    parser.add_argument("--name", help="model name on the card (default: repo id or output folder name)")
-    parser.add_argument("--card-context", type=Path,
-                        help="JSON of the training run for the card (default: <checkpoint>/card_context.json)")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this model repo")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
-    parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.checkpoint is not None:
-        from .train.trainer import load_backbone_from_checkpoint  # training stack only when needed
-
-        backbone = load_backbone_from_checkpoint(args.checkpoint)
-        architecture = backbone.pretrained_cfg["architecture"]
-        if architecture != args.model:
-            raise ValueError(f"{args.checkpoint}: holds a {architecture}, not {args.model}")
-    else:
-        backbone = backbone_from_weights(args.weights, args.model, args.model_args)
-    card_context = {}
-    if args.card_context is not None:
-        if not args.card_context.is_file():
-            raise FileNotFoundError(f"{args.card_context}: card context file not found")
-        card_context = json.loads(args.card_context.read_text())
-    elif args.checkpoint is not None and (args.checkpoint / "card_context.json").is_file():
-        card_context = json.loads((args.checkpoint / "card_context.json").read_text())
-    if args.push_to_hub:
-        card_context["repo_id"] = args.push_to_hub
-    model_name = args.name or (args.push_to_hub.split("/")[-1] if args.push_to_hub else args.out.name)
-    paths = export_encoder(backbone, args.out, model_name=model_name, card_context=card_context)
-    print(f"exported {model_name} to {paths['root']}")
-    if args.push_to_hub:
-        url = push_folder(args.out, args.push_to_hub, repo_type="model", private=args.private,
-                          commit_message=f"Upload {model_name}", endpoint=args.endpoint)
-        print(f"pushed to {url}")
-    return 0

@@ -1,7 +1,6 @@
 """`cpia convert`: catalog -> units -> full shards -> mini shards -> dataset card, resumable."""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -11,10 +10,10 @@ from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from .catalog import CatalogEntry, default_catalog_path, load_catalog, subset_slug
+from ..standard import stable_unit_float
+from .catalog import CatalogEntry, subset_slug
 from .mini import DEFAULT_MINI_FRACTION, mini_cells, read_tile_index, roi_transform, select_wsi_tiles, wsi_transform
 from .shards import pack_key, pack_subset
-from .standard import stable_unit_float
 from .units import ConvertOptions, Unit, UnitResult, convert_unit, discover_units, read_record, unit_paths
 
 CONFIGS = ("full", "mini")
@@ -95,7 +94,7 @@ def convert(
             ]
             report.rows["mini"] = _sum_rows(executor.map(_pack_job, jobs, "pack mini", progress), report)
     if card:
-        from .loading_script.card import write_dataset_card
+        from .card import write_dataset_card
 
         write_dataset_card(out_dir, entries, configs=configs, mini_fraction=mini_fraction, options=options)
     return report
@@ -194,46 +193,6 @@ def _call(fn: Callable, args: tuple):
         return error
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--catalog", type=Path, default=None, help="catalog YAML (default: the release catalog)")
-    parser.add_argument("--source-root", type=Path, required=True, help="folder holding the source datasets")
-    parser.add_argument("--out", type=Path, required=True, help="dataset folder to write (Hub layout)")
-    parser.add_argument("--configs", default="full,mini", help="comma-separated: full, mini (default: both)")
-    parser.add_argument("--subsets", default=None, help="comma-separated catalog names to convert (default: all)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (one unit each)")
-    parser.add_argument("--jpeg-quality", type=int, default=ConvertOptions.jpeg_quality)
-    parser.add_argument("--tissue-rule", choices=("release", "mask"), default=ConvertOptions.tissue_rule)
-    parser.add_argument("--min-tissue-fraction", type=float, default=ConvertOptions.min_tissue_fraction,
-                        help="mask rule: keep a tile when this fraction of it is tissue")
-    parser.add_argument("--s-per-m", type=int, default=ConvertOptions.s_per_m, choices=(1, 16),
-                        help="S crops kept per M tile (the release keeps 1)")
-    parser.add_argument("--mini-fraction", type=float, default=DEFAULT_MINI_FRACTION,
-                        help="share of WSI grid cells taken into mini")
-    parser.add_argument("--seed", type=int, default=ConvertOptions.seed)
-    parser.add_argument("--unit-shard", type=_unit_shard, default=None, metavar="I/N",
-                        help="convert only slice I of N of the units and do not pack (cluster runs)")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def _unit_shard(text: str) -> tuple[int, int]:
-    index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
-    return int(index), int(count)
-
-
-def options_from_args(args: argparse.Namespace) -> ConvertOptions:
-    if not 1 <= args.jpeg_quality <= 100:
-        raise SystemExit(f"--jpeg-quality must be within 1..100, got {args.jpeg_quality}")
-    return ConvertOptions(
-        jpeg_quality=args.jpeg_quality,
-        tissue_rule=args.tissue_rule,
-        min_tissue_fraction=args.min_tissue_fraction,
-        s_per_m=args.s_per_m,
-        seed=args.seed,
-    )
-
-
 def select_entries(entries: list[CatalogEntry], subsets: str | None) -> list[CatalogEntry]:
     if not subsets:
         return entries
@@ -259,28 +218,3 @@ def print_report(report: ConvertReport, out_dir: Path) -> int:
         return 1
     print(f"dataset written to {out_dir}" if report.rows else "units converted; a run without --unit-shard packs them")
     return 0
-
-
-def run(args: argparse.Namespace) -> int:
-    from .catalog import CatalogError
-
-    try:
-        entries = load_catalog(args.catalog or default_catalog_path())
-    except CatalogError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if not args.source_root.is_dir():
-        print(f"error: source root {args.source_root} is not a folder", file=sys.stderr)
-        return 2
-    report = convert(
-        select_entries(entries, args.subsets),
-        args.source_root,
-        args.out,
-        configs=[c.strip() for c in args.configs.split(",") if c.strip()],
-        workers=args.workers,
-        options=options_from_args(args),
-        mini_fraction=args.mini_fraction,
-        progress=not args.no_progress,
-        unit_shard=args.unit_shard,
-    )
-    return print_report(report, args.out)

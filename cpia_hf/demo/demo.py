@@ -6,17 +6,16 @@ JPEG and 16-bit TIFF, a labelled ROI source with a train/validation split, and a
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import yaml
 from PIL import Image
 
-from .catalog import load_catalog
-from .convert import ConvertReport, convert, print_report
+from ..dataset.catalog import load_catalog
+from ..dataset.convert import ConvertReport, convert
+from ..dataset.units import ConvertOptions
 from .synth import he_like_image, write_slide
-from .units import ConvertOptions
 
 # name, vendor, mpp, width, height, seed, tissue share: a 40x slide with one whole XL cell, a 20x slide
 # too short for an XL tile, and a biopsy smaller than one XL tile at an MPP 2 % off 40x.
@@ -98,7 +97,7 @@ DEMO_TRAIN_ARGS = ["--method", "mae", "--config", "mini", "--model", "vit_tiny_p
 
 def train_demo_model(dataset: Path, out: Path) -> Path:
     """Pre-train a tiny MAE for a few steps on the demo's mini config; returns the exported model folder."""
-    from .train.cli import main as train_main
+    from ..train.cli import main as train_main
 
     train_main([*DEMO_TRAIN_ARGS, "--data", str(dataset), "--out", str(out)])
     return out / "model"
@@ -115,21 +114,3 @@ def demo_features(model_dir: Path, dataset: Path, count: int = 4):
     images = list(load_dataset(str(dataset), "mini", split="train").select(range(count))["image"])
     with torch.no_grad():
         return model(**processor(images, return_tensors="pt")).pooler_output
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for sources, dataset and model")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--convert-only", action="store_true", help="stop after the dataset conversion")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run(args: argparse.Namespace) -> int:
-    report = build_demo(args.out, workers=args.workers, progress=not args.no_progress)
-    status = print_report(report, args.out / "dataset")
-    if status or args.convert_only:
-        return status
-    model_dir = train_demo_model(args.out / "dataset", args.out / "mae-tiny")
-    features = demo_features(model_dir, args.out / "dataset")
-    print(f"model exported to {model_dir}; AutoModel.from_pretrained features of 4 mini tiles: {tuple(features.shape)}")
-    return 0

@@ -18,12 +18,12 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import __version__
+from .. import __version__
+from ..schema import FEATURES
+from ..standard import STANDARD_MPP
 from .catalog import CatalogEntry, subset_slug
 from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
 from .roi import DEFAULT_MAX_PIXELS, RoiError, convert_roi
-from .schema import FEATURES
-from .standard import STANDARD_MPP
 
 ROW_GROUP_BYTES = 64 * 1024 * 1024
 ROI_CHUNK_FILES = 2000
@@ -177,8 +177,8 @@ def _unit_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures:
 
 
 def _wsi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: list[dict]) -> Iterator[dict]:
+    from .slides import SlideError, iter_slide_tiles
     from .tissue import TissueRule  # slide readers load only where slides are converted
-    from .wsi import SlideError, iter_slide_tiles
 
     (file,) = unit.files
     meta = _metadata(unit.entry)

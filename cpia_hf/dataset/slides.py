@@ -26,7 +26,7 @@ import openslide
 import tifffile
 from PIL import Image
 
-from .standard import SCALE_SIDES, STANDARD_MPP, stable_unit_float, tile_name
+from ..standard import SCALE_SIDES, STANDARD_MPP, stable_unit_float, tile_name
 from .tissue import TissueRule, keeps_tile, release_surely_drops_xl, tissue_mask
 
 # Resampling: an integer k x k shrink (JPEG DCT scaling on the fast path, else `Image.reduce`) then

@@ -23,8 +23,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets.arrow_writer import ParquetWriter
 
-from .schema import COLUMNS, FEATURES
-from .standard import FOLDER_OF_SCALE
+from ..schema import COLUMNS, FEATURES
+from ..standard import FOLDER_OF_SCALE
 from .units import ROW_GROUP_BYTES, read_record, write_atomic
 
 SHARD_BYTES = 500 * 1000 * 1000

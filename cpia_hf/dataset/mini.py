@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..standard import MINI_SIDE, SCALE_SIDES, STANDARD_MPP, stable_unit_float
 from .catalog import CatalogEntry
 from .imageio import encode_jpeg
-from .standard import MINI_SIDE, SCALE_SIDES, STANDARD_MPP, stable_unit_float
 
 DEFAULT_MINI_FRACTION = 0.04
 M_PER_CELL = 32

@@ -10,7 +10,6 @@ import io
 import json
 from collections import Counter, defaultdict
 from dataclasses import asdict
-from importlib.resources import files
 from pathlib import Path
 
 import jinja2
@@ -18,10 +17,11 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from ..catalog import CatalogEntry, subset_slug
+from ..resources import DATASET_CARD_TEMPLATE, read_resource
 from ..schema import FEATURES
 from ..standard import FOLDERS, SCALE_SIDES, SCALES, STANDARD_MPP
-from ..units import write_atomic
+from .catalog import CatalogEntry, subset_slug
+from .units import write_atomic
 
 TABLE_COLUMNS = (("wsi", "XL"), ("wsi", "L"), ("roi", "L"), ("wsi", "M"), ("roi", "M"), ("wsi", "S"), ("roi", "S"))
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
@@ -168,7 +168,7 @@ def write_dataset_card(
             for name, info in infos.items()
         ],
     }
-    template = jinja2.Template((files("cpia_hf.loading_script") / "README.md.j2").read_text())
+    template = jinja2.Template(read_resource(DATASET_CARD_TEMPLATE))
     body = template.render(
         configs=[{"name": n, "glob": g, **infos[n]} for n, g in globs.items()],
         tables={c: organ_table(counts[c], entries) for c in configs if counts[c]},

@@ -1,0 +1,7 @@
+"""Building the dataset, in pipeline order.
+
+catalog (the release's sub-datasets) -> slides (one reader per slide backend, the nested grid) and
+tissue (which tiles to keep) -> roi (ROI images) -> units (per-source work, cached) -> shards
+(Parquet) -> mini (CPIA-Mini selection) -> card (the dataset card) -> convert (the whole run).
+`cli` holds `cpia convert` and `cpia push`.
+"""

@@ -1,0 +1,54 @@
+"""`cpia export`: publish a trained encoder as one Hub model repo that timm and transformers load."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..hub import push_folder
+from .backbone import backbone_from_weights, load_backbone_from_checkpoint
+from .export import export_encoder
+
+
+def configure_export(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="training checkpoint folder (cpia train)")
+    source.add_argument("--weights", type=Path, help="safetensors state dict of a timm ViT")
+    parser.add_argument("--model", required=True,
+                        help="timm architecture, e.g. vit_base_patch16_224 (checked against a checkpoint)")
+    parser.add_argument("--model-args", type=json.loads, default={},
+                        help='JSON of timm model arguments for --weights, e.g. \'{"img_size": 384}\'')
+    parser.add_argument("--out", type=Path, required=True, help="output repo folder")
+    parser.add_argument("--name", help="model name on the card (default: repo id or output folder name)")
+    parser.add_argument("--card-context", type=Path,
+                        help="JSON of the training run for the card (default: <checkpoint>/card_context.json)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this model repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if args.checkpoint is not None:
+        backbone = load_backbone_from_checkpoint(args.checkpoint)
+        architecture = backbone.pretrained_cfg["architecture"]
+        if architecture != args.model:
+            raise ValueError(f"{args.checkpoint}: holds a {architecture}, not {args.model}")
+    else:
+        backbone = backbone_from_weights(args.weights, args.model, args.model_args)
+    card_context = {}
+    if args.card_context is not None:
+        if not args.card_context.is_file():
+            raise FileNotFoundError(f"{args.card_context}: card context file not found")
+        card_context = json.loads(args.card_context.read_text())
+    elif args.checkpoint is not None and (args.checkpoint / "card_context.json").is_file():
+        card_context = json.loads((args.checkpoint / "card_context.json").read_text())
+    if args.push_to_hub:
+        card_context["repo_id"] = args.push_to_hub
+    model_name = args.name or (args.push_to_hub.split("/")[-1] if args.push_to_hub else args.out.name)
+    paths = export_encoder(backbone, args.out, model_name=model_name, card_context=card_context)
+    print(f"exported {model_name} to {paths['root']}")
+    if args.push_to_hub:
+        url = push_folder(args.out, args.push_to_hub, repo_type="model", private=args.private,
+                          commit_message=f"Upload {model_name}", endpoint=args.endpoint)
+        print(f"pushed to {url}")
+    return 0
