@@ -42,7 +42,7 @@ def method_step(method: str, args: argparse.Namespace, device: torch.device) -> 
     cfg = build_config(parser.parse_args([
         "--method", method, "--data", "unused", "--out", "unused", "--model", args.model,
         "--img-size", str(args.img_size), "--local-crops", str(args.local_crops)]))
-    model = METHODS[method](cfg).to(device).train()
+    model = METHODS[method].from_config(cfg).to(device).train()
     optimizer = build_optimizer(model, 1e-4, cfg.weight_decay, cfg.betas, device)  # as the trainer builds it
     batch_size, size = args.batch_size, args.img_size
     images = torch.randn(batch_size, 3, size, size, device=device)

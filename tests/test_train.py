@@ -151,7 +151,7 @@ def test_loss_falls_on_a_fixed_batch(method: str, dataset_dir: Path, tmp_path: P
     fixed_target = ["--momentum-teacher", "1.0", "--center-momentum", "1.0"] if method == "dino" else []
     cfg = cli.build_config(parse(train_args(method, dataset_dir, tmp_path / "out", *fixed_target)))
     torch.manual_seed(0)
-    model = METHODS[method](cfg)
+    model = METHODS[method].from_config(cfg)
     rows = load_pretrain_rows(cfg.data, cfg.config, cache_dir=cfg.cache_dir)
     batch = next(iter(build_loader(rows, model.make_transform(cfg.augment), batch_size=8, num_workers=0, seed=0)))
     lr = 3e-4 if method == "dino" else 1e-3  # the sharp teacher target overshoots at 1e-3

@@ -132,7 +132,7 @@ def run_eval(args: argparse.Namespace) -> int:
             from cpia_hf.model.card import update_model_card_evaluation
 
             try:
-                update_model_card_evaluation(args.card, evaluation_results(metrics))
+                update_model_card_evaluation(args.card, evaluation_results(metrics, spread=True))
             except (FileNotFoundError, ValueError) as error:
                 print(f"cpia eval: error: results written to {args.out}, but not to the card: {error}",
                       file=sys.stderr)

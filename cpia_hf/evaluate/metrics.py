@@ -54,8 +54,11 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     return summary
 
 
-def evaluation_results(metrics: dict) -> list[dict]:
-    """Test-split results as rows for the model card's `model-index` (values as fractions in [0, 1])."""
+def evaluation_results(metrics: dict, spread: bool = False) -> list[dict]:
+    """Test-split results as rows for the model card's `model-index` (values as fractions in [0, 1]).
+
+    With `spread`, each row also carries the sample `std` over its `runs` (same unit), for the card.
+    """
     results = []
     for protocol, outcome in metrics["protocols"].items():
         for metric, value in outcome["summary"]["test"].items():
@@ -68,6 +71,7 @@ def evaluation_results(metrics: dict) -> list[dict]:
                 "metric": metric,
                 "value": value["mean"],
                 "unit": "fraction",
+                **({"std": value["std"], "runs": value["runs"]} if spread else {}),
             })
     return results
 

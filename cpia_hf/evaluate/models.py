@@ -20,7 +20,7 @@ import timm
 import torch
 from PIL import Image
 from torch import nn
-from torchvision import transforms
+from torchvision.transforms import InterpolationMode, v2
 
 # Pathology tiles have no canonical orientation or framing: fine-tuning sees random crops of at
 # least half the tile and random flips in both axes.
@@ -36,27 +36,28 @@ class Preprocessing:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
 
-    def eval_transform(self) -> transforms.Compose:
+    def eval_transform(self) -> v2.Compose:
         """Resize the whole tile to the input size (no centre crop: a tile's border is tissue too)."""
-        return transforms.Compose([
-            transforms.Lambda(_to_rgb),
-            transforms.Resize(self.input_size, interpolation=transforms.InterpolationMode(self.interpolation)),
-            transforms.ToTensor(),
-            transforms.Normalize(self.mean, self.std),
+        return v2.Compose([
+            v2.Lambda(_to_rgb),
+            v2.Resize(self.input_size, interpolation=InterpolationMode(self.interpolation), antialias=True),
+            *self._to_normalised_tensor(),
         ])
 
-    def train_transform(self) -> transforms.Compose:
+    def train_transform(self) -> v2.Compose:
         """Random resized crop and flips, for fine-tuning."""
-        return transforms.Compose([
-            transforms.Lambda(_to_rgb),
-            transforms.RandomResizedCrop(
-                self.input_size, scale=TRAIN_CROP_SCALE,
-                interpolation=transforms.InterpolationMode(self.interpolation)),
-            transforms.RandomHorizontalFlip(),
-            transforms.RandomVerticalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(self.mean, self.std),
+        return v2.Compose([
+            v2.Lambda(_to_rgb),
+            v2.RandomResizedCrop(self.input_size, scale=TRAIN_CROP_SCALE,
+                                 interpolation=InterpolationMode(self.interpolation), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            *self._to_normalised_tensor(),
         ])
+
+    def _to_normalised_tensor(self) -> list[v2.Transform]:
+        """PIL image -> float tensor in [0, 1] -> normalised (what v1's ToTensor + Normalize did)."""
+        return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -14,10 +14,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from sklearn.neighbors import KNeighborsClassifier
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..model.optim import cosine_schedule, scaled_lr
 from .data import ImageDataset, LabelledData
 from .features import predict
 from .metrics import classification_metrics
@@ -154,7 +154,7 @@ def finetune(
     """Fine-tune the whole encoder and a new head; report validation every epoch and test at the best one."""
     set_seed(seed)
     model = Classifier(copy.deepcopy(encoder.module).cpu(), encoder.num_features, data.num_classes)
-    lr = settings.base_lr * settings.batch_size * accelerator.num_processes / 256
+    lr = scaled_lr(settings.base_lr, settings.batch_size * accelerator.num_processes)
     optimizer = torch.optim.AdamW(
         layer_decay_param_groups(model, settings.weight_decay, settings.layer_decay), lr=lr)
     preprocessing = encoder.preprocessing
@@ -172,13 +172,9 @@ def finetune(
     model, optimizer, train_loader, validation_loader, test_loader = accelerator.prepare(
         model, optimizer, loaders["train"], loaders["validation"], loaders["test"])
     total_updates = settings.epochs * len(train_loader)
-    scheduler = CosineLRScheduler(
-        optimizer,
-        t_initial=total_updates,
-        lr_min=settings.min_lr,
-        warmup_t=min(settings.warmup_epochs * len(train_loader), total_updates - 1),
-        t_in_epochs=False,
-    )
+    warmup_updates = min(settings.warmup_epochs * len(train_loader), total_updates - 1)
+    for group in optimizer.param_groups:
+        group.setdefault("lr_scale", 1.0)
     criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
 
     history, best_accuracy, best_epoch, best_state, best_validation = [], None, 0, None, None
@@ -193,9 +189,11 @@ def finetune(
                 loss = criterion(model(images), targets)
             optimizer.zero_grad()
             accelerator.backward(loss)
+            update_lr = cosine_schedule(updates, total_updates, lr, settings.min_lr, warmup_updates)
+            for group in optimizer.param_groups:
+                group["lr"] = update_lr * group["lr_scale"]
             optimizer.step()
             updates += 1
-            scheduler.step_update(updates)
             loss_sum += loss.item() * len(targets)
             seen += len(targets)
             progress.set_postfix(loss=f"{loss.item():.4f}")

@@ -1,25 +1,16 @@
 """Model card (README.md) of an exported encoder, filled from the training run, plus its loss curve.
 
-``card_context`` keys (all optional unless noted):
-    model_name (str, required)          name on the card and in model-index
-    repo_id                             Hub model repo, used by cpia_hf.model.export for the usage snippets
-    architecture, num_features          timm architecture and feature size (set by cpia_hf.model.export)
-    image_size, mean, std               eval preprocessing (set by cpia_hf.model.export)
-    method                              "mae" | "mocov3" | "dino"
-    dataset, dataset_config             CPIA Hub id or local data folder, and its config (e.g. "mini")
-    base_model                          Hub id of the weights training started from
-    license                             Hub license id (default "other": the weights follow the
-                                        terms of the CPIA source datasets)
-    steps, epochs, global_batch_size, lr, weight_decay, warmup_steps, augmentations (list),
-    hardware, mixed_precision, seed     the training recipe actually used
-    config (dict)                       the full training config, shown verbatim
-    loss_history (list of [step, loss]) drawn to loss_curve.png
-    evaluation (list of dicts)          task, dataset, metric, value (optional split), from cpia eval
+`ModelCardContext` is the one schema of what a card says about a model: the trainer fills the
+recipe, `cpia_hf.model.export` the architecture and preprocessing, `cpia eval --card` the results;
+it round-trips through `card_context.json` in every checkpoint (`cpia export --card-context FILE`).
 """
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -28,7 +19,10 @@ from matplotlib.figure import Figure
 from ..resources import MODEL_CARD_TEMPLATE, read_resource
 from ..standard import STANDARD_MPP
 
+Method = Literal["mae", "dino", "mocov3"]
+
 LOSS_CURVE_NAME = "loss_curve.png"
+CARD_CONTEXT = "card_context.json"  # a run's ModelCardContext, in its output folder and each checkpoint
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 METHOD_NAMES = {"mae": "MAE", "mocov3": "MoCo v3", "dino": "DINO"}
 EVAL_START, EVAL_END = "<!-- evaluation:start -->", "<!-- evaluation:end -->"
@@ -38,6 +32,87 @@ RECIPE_FIELDS = (
     ("weight_decay", "Weight decay"), ("warmup_steps", "Warm-up steps"), ("augmentations", "Augmentations"),
     ("mixed_precision", "Mixed precision"), ("hardware", "Hardware"), ("seed", "Seed"),
 )
+
+
+@dataclass
+class ModelCardContext:
+    """What a model card says about a model; every field optional except `model_name` at writing time."""
+
+    model_name: str | None = None  # name on the card and in model-index
+    repo_id: str | None = None  # Hub model repo, for the usage snippets
+    # the encoder (set by cpia_hf.model.export)
+    architecture: str | None = None  # timm architecture name
+    num_features: int | None = None
+    depth: int | None = None  # transformer blocks
+    num_heads: int | None = None
+    patch_size: int | None = None
+    model_overrides: dict[str, Any] | None = None  # timm kwargs that differ from the architecture's defaults
+    embedding: str = "CLS token of the last block, after the final LayerNorm"
+    image_size: list[int] | None = None  # eval input (H, W)
+    mean: list[float] | None = None  # normalisation of the inputs
+    std: list[float] | None = None
+    # the run (set by the trainer)
+    method: Method | None = None
+    dataset: str | None = None  # CPIA Hub id (a local folder is shown by its name only)
+    dataset_config: str | None = None  # e.g. "mini"
+    scales: list[str] | None = None  # CPIA scales trained on (all when empty)
+    input_mpp: dict[str, float] | None = None  # µm per stored pixel of each scale's tiles in that config
+    base_model: str | None = None  # Hub id of the weights training started from
+    init: str | None = None  # timm pretrained tag training started from, "none" for random init
+    license: str = "other"  # Hub license id; "other": the terms of the CPIA source datasets
+    steps: int | None = None
+    epochs: float | None = None
+    global_batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | str | None = None  # a number, or "start -> end (cosine)"
+    warmup_steps: int | None = None
+    augmentations: list[str] | None = None
+    hardware: str | None = None
+    mixed_precision: str | None = None
+    seed: int | None = None
+    config: dict[str, Any] | None = None  # the full training config, shown verbatim
+    loss_history: list[list[float]] = field(default_factory=list)  # [step, loss] pairs -> loss_curve.png
+    final_loss: float | None = None
+    steps_done: int | None = None  # set in a checkpoint's copy
+    evaluation: list[dict[str, Any]] = field(default_factory=list)  # task, dataset, metric, value[, split, protocol]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "card context") -> ModelCardContext:
+        """Build from a JSON-like dict; an unknown key is an error naming `source`."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown card context key(s) {unknown}")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    @classmethod
+    def coerce(cls, value: ModelCardContext | dict[str, Any] | None) -> ModelCardContext:
+        """A context from a context, a dict of its fields, or nothing."""
+        if isinstance(value, cls):
+            return value
+        return cls.from_dict(dict(value or {}))
+
+    @classmethod
+    def read(cls, path: Path) -> ModelCardContext:
+        """Read a `card_context.json`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: card context file not found")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not JSON ({error})") from error
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a JSON object of card context fields")
+        return cls.from_dict(values, source=str(path))
+
+    def write(self, path: Path) -> Path:
+        """Write as `card_context.json` (indented JSON)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return Path(path)
 
 
 def plot_loss_curve(loss_history: list, path: Path) -> Path:
@@ -69,8 +144,16 @@ def eval_results(model_name: str, results: list[dict]) -> list[EvalResult]:
             dataset_type=str(result["dataset"]), dataset_name=str(result["dataset"]),
             dataset_split=result.get("split"), metric_type=str(result["metric"]),
             metric_name=metric_label(result) if result.get("protocol") else None, metric_value=result["value"],
+            metric_args=spread_of(result),
         ))
     return entries
+
+
+def spread_of(result: dict) -> dict | None:
+    """`{"std", "runs"}` of a result made by several runs (kept in model-index `metric_args`), else None."""
+    if result.get("std") is None or not result.get("runs"):
+        return None
+    return {"std": float(result["std"]), "runs": int(result["runs"])}
 
 
 def metric_label(result: dict) -> str:
@@ -84,13 +167,25 @@ def protocol_of(metric_name: str | None) -> str | None:
     return match.group(1) if match else None
 
 
+def shown_value(result: dict) -> str:
+    """A result's value (a fraction in [0, 1]) and, when several runs made it, `± std` in the same unit."""
+    value = result["value"]
+    shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+    if result.get("std") is not None and (result.get("runs") or 0) > 1:
+        shown += f" ± {float(result['std']):.2g} ({result['runs']} runs)"
+    return shown
+
+
 def evaluation_table(results: list[dict]) -> str:
-    """Markdown table of ``results`` between the markers that ``update_model_card_evaluation`` replaces."""
+    """Markdown table of ``results`` between the markers that ``update_model_card_evaluation`` replaces.
+
+    Values are fractions in [0, 1] (accuracy 0.9758, not 97.58 %), mean ± sample std over runs.
+    """
     if results:
-        rows = ["| Task | Dataset | Split | Protocol | Metric | Value |", "| --- | --- | --- | --- | --- | --- |"]
+        rows = ["Values are fractions in [0, 1]: mean ± sample standard deviation over runs (seeds / folds).", "",
+                "| Task | Dataset | Split | Protocol | Metric | Value |", "| --- | --- | --- | --- | --- | --- |"]
         for result in results:
-            value = result["value"]
-            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            shown = shown_value(result)
             rows.append(f"| {result['task']} | {result['dataset']} | {result.get('split', '')} "
                         f"| {result.get('protocol', '')} | {result['metric']} | {shown} |")
         body = "\n".join(rows)
@@ -104,64 +199,60 @@ def dataset_name(dataset: str) -> str:
     return dataset if HUB_ID.match(dataset) else Path(dataset).name
 
 
-def card_data(card_context: dict) -> ModelCardData:
+def card_data(context: ModelCardContext) -> ModelCardData:
     """Hub metadata of the card."""
-    method = card_context.get("method")
-    license_id = card_context.get("license", "other")
-    dataset = card_context.get("dataset")
-    evaluation = card_context.get("evaluation") or []
+    license_id = context.license
     return ModelCardData(
         license=license_id,
         license_name="cpia-source-licenses" if license_id == "other" else None,
         library_name="timm",
         pipeline_tag="image-feature-extraction",
         tags=["pathology", "histology", "self-supervised", "vision-transformer", "cpia"]
-        + ([method] if method else []),
-        datasets=[dataset] if dataset else None,
-        base_model=card_context.get("base_model"),
-        model_name=card_context["model_name"],
-        eval_results=eval_results(card_context["model_name"], evaluation) if evaluation else None,
+        + ([context.method] if context.method else []),
+        datasets=[context.dataset] if context.dataset else None,
+        base_model=context.base_model,
+        model_name=context.model_name,
+        eval_results=eval_results(context.model_name, context.evaluation) if context.evaluation else None,
     )
 
 
-def training_recipe(card_context: dict) -> list[tuple[str, str]]:
+def training_recipe(context: ModelCardContext) -> list[tuple[str, str]]:
     """(label, value) rows of the recipe fields the run recorded."""
     rows = []
     for key, label in RECIPE_FIELDS:
-        value = card_context.get(key)
+        value = getattr(context, key)
         if value is None:
             continue
         rows.append((label, ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)))
     return rows
 
 
-def write_model_card(out_dir: Path, card_context: dict, *, repo_id: str | None = None) -> Path:
+def write_model_card(out_dir: Path, card_context: ModelCardContext | dict, *, repo_id: str | None = None) -> Path:
     """Write ``out_dir``/README.md (and loss_curve.png when the run has a loss history); returns its path."""
-    if "model_name" not in card_context:
+    context = ModelCardContext.coerce(card_context)
+    if not context.model_name:
         raise ValueError("card_context needs model_name")
-    if card_context.get("dataset"):
-        card_context = {**card_context, "dataset": dataset_name(str(card_context["dataset"]))}
+    if context.dataset:
+        context = replace(context, dataset=dataset_name(str(context.dataset)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    loss_history = card_context.get("loss_history") or []
-    if loss_history:
-        plot_loss_curve(loss_history, out_dir / LOSS_CURVE_NAME)
-    template = read_resource(MODEL_CARD_TEMPLATE)
-    config = card_context.get("config")
+    if context.loss_history:
+        plot_loss_curve(context.loss_history, out_dir / LOSS_CURVE_NAME)
+    config = context.config
     if config:  # the recipe, without this machine's paths
         config = {k: dataset_name(str(v)) if k == "data" else v for k, v in config.items() if k not in ("out", "cache_dir")}
     card = ModelCard.from_template(
-        card_data(card_context),
-        template_str=template,
-        context=card_context,
-        method_name=METHOD_NAMES.get(card_context.get("method"), card_context.get("method")),
+        card_data(context),
+        template_str=read_resource(MODEL_CARD_TEMPLATE),
+        context=context,
+        method_name=METHOD_NAMES.get(context.method, context.method),
         repo_id=repo_id,
         timm_ref=f"hf-hub:{repo_id}" if repo_id else f"local-dir:./{out_dir.name}",
         transformers_ref=repo_id or f"./{out_dir.name}",
-        recipe=training_recipe(card_context),
+        recipe=training_recipe(context),
         config_yaml=yaml.safe_dump(config, sort_keys=False).strip() if config else None,
-        loss_curve=LOSS_CURVE_NAME if loss_history else None,
-        evaluation_table=evaluation_table(card_context.get("evaluation") or []),
+        loss_curve=LOSS_CURVE_NAME if context.loss_history else None,
+        evaluation_table=evaluation_table(context.evaluation),
         standard_mpp=STANDARD_MPP,
     )
     path = out_dir / "README.md"
@@ -182,7 +273,8 @@ def update_model_card_evaluation(card_path: Path, results: list[dict]) -> None:
     known = [
         {"task": r.task_name or r.task_type, "dataset": r.dataset_name, "metric": r.metric_type,
          "value": r.metric_value, **({"split": r.dataset_split} if r.dataset_split else {}),
-         **({"protocol": protocol_of(r.metric_name)} if protocol_of(r.metric_name) else {})}
+         **({"protocol": protocol_of(r.metric_name)} if protocol_of(r.metric_name) else {}),
+         **(spread_of(r.metric_args or {}) or {})}
         for r in card.data.eval_results or []
     ]
 

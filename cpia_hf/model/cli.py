@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..hub import push_folder
 from .backbone import backbone_from_weights, load_backbone_from_checkpoint
+from .card import CARD_CONTEXT, ModelCardContext
 from .export import export_encoder
 
 
@@ -35,15 +36,12 @@ def run_export(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.checkpoint}: holds a {architecture}, not {args.model}")
     else:
         backbone = backbone_from_weights(args.weights, args.model, args.model_args)
-    card_context = {}
-    if args.card_context is not None:
-        if not args.card_context.is_file():
-            raise FileNotFoundError(f"{args.card_context}: card context file not found")
-        card_context = json.loads(args.card_context.read_text())
-    elif args.checkpoint is not None and (args.checkpoint / "card_context.json").is_file():
-        card_context = json.loads((args.checkpoint / "card_context.json").read_text())
+    context_file = args.card_context
+    if context_file is None and args.checkpoint is not None and (args.checkpoint / CARD_CONTEXT).is_file():
+        context_file = args.checkpoint / CARD_CONTEXT
+    card_context = ModelCardContext.read(context_file) if context_file is not None else ModelCardContext()
     if args.push_to_hub:
-        card_context["repo_id"] = args.push_to_hub
+        card_context.repo_id = args.push_to_hub
     model_name = args.name or (args.push_to_hub.split("/")[-1] if args.push_to_hub else args.out.name)
     paths = export_encoder(backbone, args.out, model_name=model_name, card_context=card_context)
     print(f"exported {model_name} to {paths['root']}")

@@ -13,13 +13,17 @@ weights and config at the repo root; Phikon: a transformers ``ViTModel``):
 timm only reads the repo root, transformers also reads a subfolder, hence timm at the root. The
 encoder must be a plain ViT (class token, final norm, no fc_norm, LayerScale or registers) so the
 ``ViTModel`` conversion is lossless; the image feature is the class token,
-``last_hidden_state[:, 0]`` (the ``vit/`` folder holds no pooler).
+``last_hidden_state[:, 0]``. The ``vit/`` folder ships an identity pooler (unit weight, zero bias,
+linear activation), so that ``pipeline("image-feature-extraction", pool=True)`` and any ``ViTModel``
+load find every weight in the file and pool to the same class token, never to random weights.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import timm
 import torch
 from timm.layers import Mlp
 from timm.models import VisionTransformer, save_for_hf
@@ -27,7 +31,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-from .card import LOSS_CURVE_NAME, write_model_card
+from .card import LOSS_CURVE_NAME, ModelCardContext, write_model_card
 
 VIT_SUBFOLDER = "vit"
 
@@ -88,6 +92,8 @@ def vit_config_from_timm(backbone: VisionTransformer) -> ViTConfig:
         qkv_bias=True,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
+        pooler_output_size=backbone.embed_dim,
+        pooler_act="linear",
     )
 
 
@@ -117,19 +123,26 @@ def timm_to_vit_state_dict(backbone: VisionTransformer) -> dict[str, torch.Tenso
     return {k: v.clone().contiguous() for k, v in target.items()}
 
 
-def data_config(backbone: VisionTransformer, card_context: dict) -> dict:
-    """Eval preprocessing: the training normalisation (card_context mean/std, else the model's) at native size.
+def identity_pooler(backbone: VisionTransformer) -> dict[str, torch.Tensor]:
+    """``ViTPooler`` weights that pass the class token through unchanged (with ``pooler_act="linear"``)."""
+    dim = backbone.embed_dim
+    return {"pooler.dense.weight": torch.eye(dim), "pooler.dense.bias": torch.zeros(dim)}
 
-    crop_pct 1.0 makes timm's resize + centre crop equal to ``ViTImageProcessor``'s plain resize on
-    square tiles, so both layouts see the same pixels.
+
+def data_config(backbone: VisionTransformer, context: ModelCardContext) -> dict:
+    """Eval preprocessing: the training normalisation (context mean/std, else the model's) at native size.
+
+    The whole tile is resized to the input size, aspect ratio not kept (a tile's border is tissue
+    too): timm's ``crop_mode="squash"`` with crop_pct 1.0 is exactly ``ViTImageProcessor``'s resize
+    to (height, width), so both layouts see the same pixels, square or not.
     """
     return {
         "input_size": (backbone.patch_embed.proj.in_channels, *backbone.patch_embed.img_size),
         "interpolation": "bicubic",
         "crop_pct": 1.0,
-        "crop_mode": "center",
-        "mean": tuple(card_context.get("mean", backbone.pretrained_cfg["mean"])),
-        "std": tuple(card_context.get("std", backbone.pretrained_cfg["std"])),
+        "crop_mode": "squash",
+        "mean": tuple(context.mean or backbone.pretrained_cfg["mean"]),
+        "std": tuple(context.std or backbone.pretrained_cfg["std"]),
     }
 
 
@@ -151,9 +164,9 @@ def save_timm_layout(backbone: VisionTransformer, out_dir: Path, data_cfg: dict,
 
 
 def save_vit_layout(backbone: VisionTransformer, out_dir: Path, data_cfg: dict) -> None:
-    """``ViTModel`` (no pooler) and its ``ViTImageProcessor`` in ``out_dir``."""
-    model = ViTModel(vit_config_from_timm(backbone), add_pooling_layer=False)
-    model.load_state_dict(timm_to_vit_state_dict(backbone), strict=True)
+    """``ViTModel`` (with the identity pooler) and its ``ViTImageProcessor`` in ``out_dir``."""
+    model = ViTModel(vit_config_from_timm(backbone), add_pooling_layer=True)
+    model.load_state_dict({**timm_to_vit_state_dict(backbone), **identity_pooler(backbone)}, strict=True)
     model.save_pretrained(out_dir)
     height, width = data_cfg["input_size"][1:]
     ViTImageProcessor(
@@ -162,30 +175,41 @@ def save_vit_layout(backbone: VisionTransformer, out_dir: Path, data_cfg: dict) 
     ).save_pretrained(out_dir)
 
 
+def architecture_fields(backbone: VisionTransformer) -> dict:
+    """The encoder's real shape for the card: name, width, depth, heads, patch, size, overridden kwargs."""
+    architecture = backbone.pretrained_cfg["architecture"]
+    with torch.device("meta"):  # the registered shape, without allocating or initialising weights
+        defaults = timm.create_model(architecture, pretrained=False, num_classes=0)
+    actual = {"embed_dim": backbone.embed_dim, "depth": len(backbone.blocks),
+              "num_heads": backbone.blocks[0].attn.num_heads, "patch_size": backbone.patch_embed.patch_size[0],
+              "img_size": backbone.patch_embed.img_size[0]}
+    registered = {"embed_dim": defaults.embed_dim, "depth": len(defaults.blocks),
+                  "num_heads": defaults.blocks[0].attn.num_heads, "patch_size": defaults.patch_embed.patch_size[0],
+                  "img_size": defaults.patch_embed.img_size[0]}
+    overrides = {key: value for key, value in actual.items() if registered[key] != value}
+    return {"architecture": architecture, "num_features": backbone.num_features, "depth": actual["depth"],
+            "num_heads": actual["num_heads"], "patch_size": actual["patch_size"],
+            "model_overrides": overrides or None}
+
+
 def export_encoder(backbone: VisionTransformer, out_dir: Path, *, model_name: str,
-                   card_context: dict) -> dict[str, Path]:
+                   card_context: ModelCardContext | dict | None = None) -> dict[str, Path]:
     """Write the Hub-ready repo folder for ``backbone``; returns the paths of its parts.
 
     ``model_name`` names the model on its card; ``card_context`` is what the training run
-    recorded (see ``cpia_hf.model.card``), with optional ``mean``/``std`` of its normalisation.
+    recorded (``ModelCardContext`` or a dict of its fields), with optional ``mean``/``std``.
     """
     check_plain_vit(backbone)
+    context = ModelCardContext.coerce(card_context)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_cfg = data_config(backbone, card_context)
-    save_timm_layout(backbone, out_dir, data_cfg, model_name=model_name,
-                     license_id=card_context.get("license", "other"))
+    data_cfg = data_config(backbone, context)
+    save_timm_layout(backbone, out_dir, data_cfg, model_name=model_name, license_id=context.license)
     save_vit_layout(backbone, out_dir / VIT_SUBFOLDER, data_cfg)
-    card_context = {
-        **card_context,
-        "model_name": model_name,
-        "architecture": backbone.pretrained_cfg["architecture"],
-        "num_features": backbone.num_features,
-        "image_size": list(data_cfg["input_size"][1:]),
-        "mean": list(data_cfg["mean"]),
-        "std": list(data_cfg["std"]),
-    }
-    card = write_model_card(out_dir, card_context, repo_id=card_context.get("repo_id"))
+    context = replace(context, model_name=model_name, **architecture_fields(backbone),
+                      image_size=list(data_cfg["input_size"][1:]), mean=list(data_cfg["mean"]),
+                      std=list(data_cfg["std"]))
+    card = write_model_card(out_dir, context, repo_id=context.repo_id)
     paths = {
         "root": out_dir,
         "timm_config": out_dir / "config.json",
@@ -193,6 +217,6 @@ def export_encoder(backbone: VisionTransformer, out_dir: Path, *, model_name: st
         "vit": out_dir / VIT_SUBFOLDER,
         "card": card,
     }
-    if card_context.get("loss_history"):
+    if context.loss_history:
         paths["loss_curve"] = out_dir / LOSS_CURVE_NAME
     return paths

@@ -7,10 +7,12 @@ heads and losses are written here, after the official repositories: `lightly` wo
 dependency for three small modules, and its wrappers do not keep the plain timm backbone that the
 export needs (class token, final norm, no fc_norm) nor our per-step seeding for exact resume.
 """
+from .config import TrainConfig
 from .dino import DINO
 from .mae import MAE
+from .method import PretrainMethod
 from .mocov3 import MoCoV3
-from .trainer import PretrainMethod, TrainConfig, train
+from .trainer import train
 
 METHODS: dict[str, type[PretrainMethod]] = {"mae": MAE, "dino": DINO, "mocov3": MoCoV3}
 

@@ -7,7 +7,7 @@ resumed run starts reading.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from datasets import Dataset, IterableDataset, load_dataset
@@ -53,9 +53,10 @@ def load_pretrain_rows(
     return rows.select_columns([c for c in KEPT_COLUMNS if c in columns])
 
 
-def sample_seed(seed: int, epoch: int, key: Any) -> int:
-    """Seed of one image's augmentation in one epoch."""
-    return int(stable_unit_float("augment", seed, epoch, key) * 2**62)
+def derive_seed(stream: Literal["augment", "step"], *position: Any) -> int:
+    """A 62-bit seed of one random stream at one position of a run: `("augment", seed, epoch, image)`
+    seeds an image's views, `("step", seed, step, process)` a step's masks and drop-path."""
+    return int(stable_unit_float(stream, *position) * 2**62)
 
 
 def make_views(row: dict, key: Any, transform: Callable, seed: int, epoch: int) -> Any:
@@ -66,7 +67,7 @@ def make_views(row: dict, key: Any, transform: Callable, seed: int, epoch: int) 
     except Exception as error:  # PIL raises several types for corrupt or truncated data
         raise ValueError(f"image {name!r}: cannot decode ({error})") from error
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(sample_seed(seed, epoch, name))
+        torch.manual_seed(derive_seed("augment", seed, epoch, name))
         return transform(image)
 
 

@@ -1,20 +1,32 @@
 """DINO (Caron et al. 2021): self-distillation between a student and an EMA teacher over multi-crops.
 
-Follows facebookresearch/dino `main_dino.py` and `vision_transformer.py` (`DINOHead`, `DINOLoss`,
-`MultiCropWrapper`). Local crops go through the same timm ViT built with `dynamic_img_size=True`,
-which resamples the position table to each crop's grid. The published backbone is the teacher, as
-in the official evaluation. Differences from the official code:
+Follows facebookresearch/dino `main_dino.py`, `utils.py` and `vision_transformer.py` (`DINOHead`,
+`DINOLoss`, `MultiCropWrapper`, `interpolate_pos_encoding`, `clip_gradients`,
+`cancel_gradients_last_layer`), with the official rules by default:
+- the teacher never drops paths: it is built from the student and kept in eval mode whatever
+  `train()`/`eval()` calls the trainer makes, so its targets depend only on its weights and inputs;
+- each parameter's gradient is clipped to norm `clip_grad` (3.0) on its own, then the last layer's
+  gradients are dropped during the first `freeze_last_layer` epochs;
+- local crops see the 2-D position table resampled as the official code does (bicubic by scale
+  factor (n + 0.1) / N, no antialiasing), not timm's antialiased resample to the exact size;
+- the teacher temperature warms up per epoch (`np.linspace` over the warm-up epochs), not per step;
+- with random initialisation the class token is drawn from a truncated normal with std 0.02.
+The published backbone is the teacher, as in the official evaluation. Differences from the
+official code:
 - weight normalisation uses `torch.nn.utils.parametrizations.weight_norm` (the old hook-based
   `weight_norm` is deprecated); the g parameter is frozen at 1 when `norm_last_layer` is set;
-- the centre is averaged over processes with accelerate's `reduce` instead of a raw all_reduce.
+- the centre is averaged over processes with accelerate's `reduce` instead of a raw all_reduce;
+- norms and biases get no weight decay, as in the official code (`utils.get_params_groups`).
 """
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from accelerate.utils import reduce
 from timm.layers import trunc_normal_
 from timm.models import VisionTransformer
@@ -23,7 +35,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from ..model.backbone import create_backbone
 from .augment import AugmentConfig, MultiCrop
-from .trainer import PretrainMethod, TrainConfig, momentum_schedule
+from .method import PretrainMethod, ema_update, momentum_schedule
 
 
 class DINOHead(nn.Module):
@@ -64,27 +76,48 @@ class DINO(PretrainMethod):
                   warmup_epochs=10, epochs=100, clip_grad=3.0, drop_path=0.1, batch_size=64,
                   crop_scale=(0.4, 1.0), allows_grad_accum=False)
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(
+        self,
+        model: str = "vit_small_patch16_224",
+        *,
+        img_size: int = 224,
+        init: str | None = None,
+        model_kwargs: dict | None = None,
+        drop_path: float = 0.1,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        norm_last_layer: bool = True,
+        momentum_teacher: float = 0.996,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_epochs: int = 0,
+        center_momentum: float = 0.9,
+        freeze_last_layer: float = 1,
+    ):
+        """`model` (timm ViT, `model_kwargs` overrides, `init` pretrained tag) at `img_size` is the
+        backbone of student and teacher; the options are `main_dino.py`'s arguments of the same names."""
         super().__init__()
-        options = cfg.method_options
-        self.out_dim = options.get("out_dim", 65536)
-        self.momentum_teacher = options.get("momentum_teacher", 0.996)
-        self.student_temp = options.get("student_temp", 0.1)
-        self.teacher_temp = options.get("teacher_temp", 0.04)
-        self.warmup_teacher_temp = options.get("warmup_teacher_temp", 0.04)
-        self.warmup_teacher_temp_epochs = options.get("warmup_teacher_temp_epochs", 0)
-        self.center_momentum = options.get("center_momentum", 0.9)
-        self.freeze_last_layer_epochs = options.get("freeze_last_layer", 1)
+        self.out_dim = out_dim
+        self.momentum_teacher = momentum_teacher
+        self.student_temp = student_temp
+        self.teacher_temp = teacher_temp
+        self.warmup_teacher_temp = warmup_teacher_temp
+        self.warmup_teacher_temp_epochs = int(warmup_teacher_temp_epochs)
+        self.center_momentum = center_momentum
+        self.freeze_last_layer_epochs = freeze_last_layer
 
         backbone, self.backbone_spec = create_backbone(
-            cfg.model, img_size=cfg.augment.img_size, init=cfg.init, model_kwargs=cfg.model_kwargs,
-            dynamic_img_size=True, drop_path_rate=cfg.drop_path)
-        head = DINOHead(backbone.embed_dim, self.out_dim, hidden_dim=options.get("hidden_dim", 2048),
-                        bottleneck_dim=options.get("bottleneck_dim", 256),
-                        norm_last_layer=options.get("norm_last_layer", True))
+            model, img_size=img_size, init=init, model_kwargs=model_kwargs, dynamic_img_size=True,
+            drop_path_rate=drop_path)
+        if init is None:
+            trunc_normal_(backbone.cls_token, std=0.02)  # vision_transformer.py; timm draws it with std 1e-6
+        head = DINOHead(backbone.embed_dim, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
+                        norm_last_layer=norm_last_layer)
         self.student = nn.ModuleDict({"backbone": backbone, "head": head})
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
-        self.register_buffer("center", torch.zeros(1, self.out_dim))
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.register_buffer("center", torch.zeros(1, out_dim))
 
     def train(self, mode: bool = True) -> DINO:
         super().train(mode)
@@ -99,10 +132,13 @@ class DINO(PretrainMethod):
 
     @property
     def current_teacher_temp(self) -> float:
-        warmup = self.warmup_teacher_temp_epochs * self.steps_per_epoch
-        if self.step < warmup:
-            return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * self.step / warmup
-        return self.teacher_temp
+        """Official schedule: `np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs)` per epoch."""
+        warmup, epoch = self.warmup_teacher_temp_epochs, self.epoch
+        if epoch >= warmup:
+            return self.teacher_temp
+        if warmup == 1:
+            return self.warmup_teacher_temp
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * epoch / (warmup - 1)
 
     @property
     def current_momentum(self) -> float:
@@ -119,17 +155,25 @@ class DINO(PretrainMethod):
             end = start + 1
             while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
                 end += 1
-            features.append(network["backbone"](torch.cat(crops[start:end])))
+            features.append(backbone_features(network["backbone"], torch.cat(crops[start:end])))
             start = end
         return network["head"](torch.cat(features))
 
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+    def forward_heads(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """crops: 2 global (B, 3, G, G) then local (B, 3, l, l) -> student outputs (len(crops) * B, K) of
+        every crop and teacher outputs (2 * B, K) of the global crops only, crop-major."""
+        self.teacher.eval()
         with torch.no_grad():
             teacher_out = self._multi_crop(self.teacher, crops[:2]).float()
         student_out = self._multi_crop(self.student, crops).float()
+        return student_out, teacher_out
 
+    def forward_loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, crops: int) -> torch.Tensor:
+        """DINOLoss: cross-entropy of the centred, sharpened teacher distribution of each global crop
+        against the student's of every other crop, averaged over the pairs (student_out (crops * B, K),
+        teacher_out (2 * B, K))."""
         teacher_probs = F.softmax((teacher_out - self.center) / self.current_teacher_temp, dim=-1).chunk(2)
-        student_logp = F.log_softmax(student_out / self.student_temp, dim=-1).chunk(len(crops))
+        student_logp = F.log_softmax(student_out / self.student_temp, dim=-1).chunk(crops)
         total, pairs = 0.0, 0
         for t_index, target in enumerate(teacher_probs):
             for s_index, logp in enumerate(student_logp):
@@ -137,21 +181,66 @@ class DINO(PretrainMethod):
                     continue  # never match a view with itself
                 total = total + torch.sum(-target * logp, dim=-1).mean()
                 pairs += 1
-        self._update_center(teacher_out)
         return total / pairs
+
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        student_out, teacher_out = self.forward_heads(crops)
+        loss = self.forward_loss(student_out, teacher_out, len(crops))
+        self._update_center(teacher_out)
+        return loss
 
     @torch.no_grad()
     def _update_center(self, teacher_out: torch.Tensor) -> None:
         batch_center = reduce(teacher_out.mean(dim=0, keepdim=True), reduction="mean")
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
+    def clip_gradients(self, max_norm: float, accelerator: Accelerator) -> None:
+        """`utils.clip_gradients`: each parameter's gradient scaled down to norm `max_norm` on its own."""
+        accelerator.unscale_gradients()
+        clip_each_gradient(self.student.parameters(), max_norm)
+
     def before_optimizer_step(self) -> None:
-        if self.step < self.freeze_last_layer_epochs * self.steps_per_epoch:
+        if self.step < self.freeze_last_layer_epochs * self.steps_per_epoch:  # cancel_gradients_last_layer
             for param in self.student["head"].last_layer.parameters():
                 param.grad = None
 
-    @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        momentum = self.current_momentum
-        for teacher, student in zip(self.teacher.parameters(), self.student.parameters()):
-            teacher.lerp_(student.detach(), 1 - momentum)
+        ema_update(self.teacher, self.student, self.current_momentum)
+
+
+@torch.no_grad()
+def clip_each_gradient(parameters, max_norm: float) -> None:
+    """Scale every gradient whose L2 norm exceeds `max_norm` to `max_norm` (DINO's `clip_gradients`)."""
+    for param in parameters:
+        if param.grad is not None:
+            clip_coef = max_norm / (param.grad.norm(2) + 1e-6)
+            if clip_coef < 1:
+                param.grad.mul_(clip_coef)
+
+
+def official_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """DINO's `interpolate_pos_encoding`: the (1, 1 + N*N, D) table for a (h, w) patch grid, resampled
+    bicubically by scale factor ((h + 0.1) / N, (w + 0.1) / N) without antialiasing; as is when the grid
+    is the table's own."""
+    n = int(math.sqrt(pos_embed.shape[1] - 1))
+    height, width = grid
+    if (height, width) == (n, n):
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    patch_pos = F.interpolate(
+        pos_embed[:, 1:].reshape(1, n, n, dim).permute(0, 3, 1, 2),
+        scale_factor=((height + 0.1) / n, (width + 0.1) / n), mode="bicubic")
+    if patch_pos.shape[-2:] != (height, width):
+        raise ValueError(f"position table resampled to {tuple(patch_pos.shape[-2:])}, not {grid}")
+    return torch.cat([pos_embed[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+def backbone_features(backbone: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Class token of a timm ViT (built with `dynamic_img_size`) for images of any size, with the
+    official DINO position-table interpolation: (B, 3, H, W) -> (B, D)."""
+    x = backbone.patch_embed(images)  # (B, h, w, D)
+    b, height, width, dim = x.shape
+    x = torch.cat([backbone.cls_token.expand(b, -1, -1), x.reshape(b, height * width, dim)], dim=1)
+    x = backbone.pos_drop(x + official_pos_embed(backbone.pos_embed, (height, width)))
+    x = backbone.norm_pre(backbone.patch_drop(x))
+    return backbone.norm(backbone.blocks(x))[:, 0]

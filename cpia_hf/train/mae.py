@@ -20,7 +20,7 @@ from torch import nn
 
 from ..model.backbone import create_backbone
 from .augment import AugmentConfig, MAEView
-from .trainer import PretrainMethod, TrainConfig
+from .method import PretrainMethod
 
 
 def sincos_pos_embed(grid_size: tuple[int, int], dim: int, cls_token: bool = True) -> torch.Tensor:
@@ -52,18 +52,27 @@ class MAE(PretrainMethod):
     RECIPE = dict(base_lr=1.5e-4, min_lr=0.0, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=40,
                   epochs=800, clip_grad=None, batch_size=256, crop_scale=(0.2, 1.0), allows_grad_accum=True)
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(
+        self,
+        model: str = "vit_small_patch16_224",
+        *,
+        img_size: int = 224,
+        init: str | None = None,
+        model_kwargs: dict | None = None,
+        drop_path: float = 0.0,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+    ):
+        """`model` (timm ViT, `model_kwargs` overrides, `init` pretrained tag) at `img_size` is the
+        encoder; the options are `models_mae.MaskedAutoencoderViT`'s (decoder_embed_dim = decoder_dim)."""
         super().__init__()
-        options = cfg.method_options
-        self.mask_ratio = options.get("mask_ratio", 0.75)
-        self.norm_pix_loss = options.get("norm_pix_loss", True)
-        decoder_dim = options.get("decoder_dim", 512)
-        decoder_depth = options.get("decoder_depth", 8)
-        decoder_heads = options.get("decoder_heads", 16)
-
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
         self.encoder, self.backbone_spec = create_backbone(
-            cfg.model, img_size=cfg.augment.img_size, init=cfg.init, model_kwargs=cfg.model_kwargs,
-            drop_path_rate=cfg.drop_path)
+            model, img_size=img_size, init=init, model_kwargs=model_kwargs, drop_path_rate=drop_path)
         encoder = self.encoder
         dim = encoder.embed_dim
         self.patch_size = encoder.patch_embed.patch_size[0]
@@ -80,7 +89,7 @@ class MAE(PretrainMethod):
 
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
             module.apply(init_mae_weights)
-        if cfg.init is None:
+        if init is None:
             encoder.apply(init_mae_weights)
             # Patch embedding initialised like a linear layer on the flattened patch, as in MAE.
             nn.init.xavier_uniform_(encoder.patch_embed.proj.weight.view(dim, -1))
@@ -103,11 +112,16 @@ class MAE(PretrainMethod):
         x = images.reshape(b, c, h // p, p, w // p, p)
         return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
 
-    def random_masking(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep a random (1 - mask_ratio) of the tokens; mask is 1 on removed tokens."""
+    def random_masking(self, x: torch.Tensor, noise: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep the (1 - mask_ratio) of the tokens with the lowest `noise` (B, L) (default uniform).
+
+        x (B, L, D) -> kept tokens (B, K, D), mask (B, L) 1 on removed tokens, ids_restore (B, L).
+        """
         b, length, dim = x.shape
         keep = int(length * (1 - self.mask_ratio))
-        noise = torch.rand(b, length, device=x.device)
+        if noise is None:
+            noise = torch.rand(b, length, device=x.device)
         ids_shuffle = torch.argsort(noise, dim=1)
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :keep]
@@ -116,16 +130,20 @@ class MAE(PretrainMethod):
         mask[:, :keep] = 0
         return x_kept, torch.gather(mask, 1, ids_restore), ids_restore
 
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_encoder(self, images: torch.Tensor, noise: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) -> latent (B, 1 + K, D) of the class token and the K kept patches,
+        mask (B, L), ids_restore (B, L)."""
         encoder = self.encoder
         x = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]
-        x, mask, ids_restore = self.random_masking(x)
+        x, mask, ids_restore = self.random_masking(x, noise)
         cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = encoder.blocks(torch.cat([cls, x], dim=1))
         return encoder.norm(x), mask, ids_restore
 
-    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Predicted pixels of the masked patches, (num_masked_total, p*p*3) in batch order."""
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """latent (B, 1 + K, D) -> predicted pixels of the masked patches (M, p*p*3), M = mask.sum(),
+        in batch then patch order (the head runs on masked tokens only; the loss ignores the rest)."""
         x = self.decoder_embed(latent)
         b, length = ids_restore.shape
         mask_tokens = self.mask_token.expand(b, length + 1 - x.shape[1], -1)
@@ -135,12 +153,17 @@ class MAE(PretrainMethod):
         x = self.decoder_norm(self.decoder_blocks(x))
         return self.decoder_pred(x[:, 1:][mask.bool()])
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        latent, mask, ids_restore = self.encode(images)
-        pred = self.decode(latent, ids_restore, mask)
+    def forward_loss(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean squared error over the masked patches only: images (B, 3, H, W), pred (M, p*p*3),
+        mask (B, L) with M ones; targets per-patch normalised when `norm_pix_loss`."""
         target = self.patchify(images)[mask.bool()]
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         return ((pred.float() - target.float()) ** 2).mean()
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        latent, mask, ids_restore = self.forward_encoder(images, noise)
+        pred = self.forward_decoder(latent, ids_restore, mask)
+        return self.forward_loss(images, pred, mask)

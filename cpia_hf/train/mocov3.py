@@ -8,6 +8,9 @@ from the official code:
   the official forward updates it just before computing keys (the same sequence of updates);
 - norms and biases get no weight decay (the official ViT recipe decays every parameter);
 - BatchNorm is synchronised across processes only on GPU (SyncBatchNorm has no CPU kernel).
+
+`vit_small_patch16_224` with random initialisation is built as MoCo-v3's `vits.vit_small`: 12
+attention heads (timm's registered ViT-S has 6); width 384, depth 12 and patch 16 are the same.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from torch import nn
 from ..model.backbone import create_backbone
 from .augment import AugmentConfig, TwoViews
 from .mae import sincos_pos_embed
-from .trainer import PretrainMethod, TrainConfig, momentum_schedule
+from .method import PretrainMethod, ema_update, momentum_schedule
 
 
 def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
@@ -42,6 +45,9 @@ def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, la
     return nn.Sequential(*layers)
 
 
+MOCO_VIT_SMALL = "vit_small_patch16_224"
+
+
 class MoCoV3(PretrainMethod):
     """Base encoder + 3-layer projector + 2-layer predictor against a momentum encoder + projector."""
 
@@ -52,21 +58,35 @@ class MoCoV3(PretrainMethod):
     RECIPE = dict(base_lr=1.5e-4, min_lr=0.0, weight_decay=0.1, betas=(0.9, 0.999), warmup_epochs=40,
                   epochs=300, clip_grad=None, batch_size=256, crop_scale=(0.08, 1.0), allows_grad_accum=False)
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(
+        self,
+        model: str = "vit_small_patch16_224",
+        *,
+        img_size: int = 224,
+        init: str | None = None,
+        model_kwargs: dict | None = None,
+        drop_path: float = 0.0,
+        temperature: float = 0.2,
+        momentum: float = 0.99,
+        mlp_dim: int = 4096,
+        out_dim: int = 256,
+        freeze_patch_embed: bool = True,
+    ):
+        """`model` (timm ViT, `model_kwargs` overrides, `init` pretrained tag) at `img_size` is the base
+        encoder; the options are `main_moco.py`'s (`--moco-t`, `--moco-m`, `--moco-mlp-dim`,
+        `--moco-dim`, `--stop-grad-conv1`)."""
         super().__init__()
-        options = cfg.method_options
-        self.temperature = options.get("temperature", 0.2)
-        self.base_momentum = options.get("momentum", 0.99)
-        mlp_dim = options.get("mlp_dim", 4096)
-        out_dim = options.get("out_dim", 256)
+        self.temperature = temperature
+        self.base_momentum = momentum
 
+        model_kwargs = moco_model_kwargs(model, init, model_kwargs)
         # timm's 'moco' init is MoCo-v3's (xavier with the qkv split) except for the patch embedding.
         self.encoder, self.backbone_spec = create_backbone(
-            cfg.model, img_size=cfg.augment.img_size, init=cfg.init, model_kwargs=cfg.model_kwargs,
-            weight_init="moco" if cfg.init is None else "", drop_path_rate=cfg.drop_path)
+            model, img_size=img_size, init=init, model_kwargs=model_kwargs,
+            weight_init="moco" if init is None else "", drop_path_rate=drop_path)
         encoder = self.encoder
         dim = encoder.embed_dim
-        if cfg.init is None:
+        if init is None:
             patch = encoder.patch_embed.proj
             bound = math.sqrt(6.0 / float(3 * patch.kernel_size[0] * patch.kernel_size[1] + dim))
             nn.init.uniform_(patch.weight, -bound, bound)
@@ -74,7 +94,7 @@ class MoCoV3(PretrainMethod):
             with torch.no_grad():  # MoCo-v3 ViTs use a fixed 2-D sin-cos position table
                 encoder.pos_embed.copy_(sincos_pos_embed(encoder.patch_embed.grid_size, dim))
             encoder.pos_embed.requires_grad_(False)
-        if options.get("freeze_patch_embed", True):
+        if freeze_patch_embed:
             encoder.patch_embed.proj.requires_grad_(False)
         self.projector = build_mlp(3, dim, mlp_dim, out_dim)
         self.predictor = build_mlp(2, out_dim, mlp_dim, out_dim)
@@ -95,13 +115,13 @@ class MoCoV3(PretrainMethod):
         return {"moco_momentum": self.current_momentum}
 
     def contrastive_loss(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """InfoNCE of local queries against the keys of all processes, scaled by 2 * T as in MoCo-v3."""
-        queries = F.normalize(queries.float(), dim=1)
+        """InfoNCE of this process's queries against the keys of all processes (gathered, no gradient)."""
         keys = gather(F.normalize(keys.float(), dim=1))
-        logits = queries @ keys.T / self.temperature
-        offset = queries.shape[0] * PartialState().process_index
-        labels = torch.arange(queries.shape[0], device=queries.device) + offset
-        return F.cross_entropy(logits, labels) * (2 * self.temperature)
+        return info_nce(queries, keys, self.temperature, PartialState().process_index)
+
+    def forward_loss(self, q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor:
+        """Symmetric loss: view 1's queries against view 2's keys and back; all (B, out_dim)."""
+        return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         first, second = views
@@ -110,12 +130,33 @@ class MoCoV3(PretrainMethod):
         with torch.no_grad():
             k1 = self.momentum_projector(self.momentum_encoder(first))
             k2 = self.momentum_projector(self.momentum_encoder(second))
-        return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
+        return self.forward_loss(q1, q2, k1, k2)
 
-    @torch.no_grad()
     def after_optimizer_step(self) -> None:
         momentum = self.current_momentum
-        pairs = ((self.encoder, self.momentum_encoder), (self.projector, self.momentum_projector))
-        for online, target in pairs:
-            for param, ema in zip(online.parameters(), target.parameters()):
-                ema.lerp_(param.detach(), 1 - momentum)
+        ema_update(self.momentum_encoder, self.encoder, momentum)
+        ema_update(self.momentum_projector, self.projector, momentum)
+
+
+def moco_model_kwargs(model: str, init: str | None, model_kwargs: dict | None) -> dict:
+    """timm kwargs of the encoder: ViT-S/16 gets MoCo-v3's 12 heads unless pretrained weights (built
+    with timm's 6) or an explicit `num_heads` say otherwise."""
+    kwargs = dict(model_kwargs or {})
+    if model == MOCO_VIT_SMALL and init is None:
+        kwargs.setdefault("num_heads", 12)
+    return kwargs
+
+
+def contrastive_labels(batch: int, process_index: int, device: torch.device | None = None) -> torch.Tensor:
+    """Column of each local query's positive among the keys gathered from all processes in rank
+    order: this process's keys start at `batch * process_index`."""
+    return torch.arange(batch, device=device) + batch * process_index
+
+
+def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float, process_index: int) -> torch.Tensor:
+    """MoCo-v3's `contrastive_loss`: queries (N, D) of this process, L2-normalised keys (P * N, D) of all
+    processes; cross-entropy of the cosine logits / T against the positives, scaled by 2 * T."""
+    queries = F.normalize(queries.float(), dim=1)
+    logits = queries @ keys.T / temperature
+    labels = contrastive_labels(queries.shape[0], process_index, queries.device)
+    return F.cross_entropy(logits, labels) * (2 * temperature)
