@@ -231,3 +231,305 @@ def test_accelerate_two_processes(dataset_dir: Path, tmp_path: Path) -> None:
     backbone = load_backbone_from_checkpoint(out)
     assert backbone(torch.rand(1, 3, 32, 32)).shape == (1, 32)
     assert (out / "checkpoints" / "step-0000002" / "model.safetensors").is_file()
+
+
+# Losses pinned against independent formulations, and the properties that catch known mutations.
+
+TINY_KWARGS = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def perturb(module: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> None:
+    """Non-trivial values everywhere (zero biases and unit norms would hide mapping mistakes)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+def timm_block_to_vit(block, prefix: str) -> dict:
+    """A timm Block's weights under transformers' ViT layer names (fused qkv split into q, k, v)."""
+    state = {}
+    for part in ("weight", "bias"):
+        q, k, v = block.attn.qkv.state_dict()[part].chunk(3, dim=0)
+        state.update({f"{prefix}attention.q_proj.{part}": q, f"{prefix}attention.k_proj.{part}": k,
+                      f"{prefix}attention.v_proj.{part}": v,
+                      f"{prefix}attention.o_proj.{part}": block.attn.proj.state_dict()[part],
+                      f"{prefix}layernorm_before.{part}": block.norm1.state_dict()[part],
+                      f"{prefix}layernorm_after.{part}": block.norm2.state_dict()[part],
+                      f"{prefix}mlp.fc1.{part}": block.mlp.fc1.state_dict()[part],
+                      f"{prefix}mlp.fc2.{part}": block.mlp.fc2.state_dict()[part]})
+    return state
+
+
+def tiny_mae(norm_pix_loss: bool = True):
+    from cpia_hf.train.mae import MAE
+
+    torch.manual_seed(0)
+    model = MAE("vit_tiny_patch16_224", img_size=32, model_kwargs=TINY_KWARGS, decoder_dim=16, decoder_depth=1,
+                decoder_heads=2, norm_pix_loss=norm_pix_loss)
+    perturb(model)
+    return model
+
+
+def reference_mae(model):
+    """transformers' ViTMAEForPreTraining holding `model`'s weights (its own sin-cos tables replaced by ours)."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    config = ViTMAEConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=32,
+        patch_size=8, layer_norm_eps=1e-6, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2, decoder_intermediate_size=64, mask_ratio=model.mask_ratio,
+        norm_pix_loss=model.norm_pix_loss, hidden_act="gelu", qkv_bias=True)
+    reference = ViTMAEForPreTraining(config).eval()
+    encoder = model.encoder
+    state = {"vit.embeddings.cls_token": encoder.cls_token, "vit.embeddings.position_embeddings": encoder.pos_embed,
+             "vit.embeddings.patch_embeddings.projection.weight": encoder.patch_embed.proj.weight,
+             "vit.embeddings.patch_embeddings.projection.bias": encoder.patch_embed.proj.bias,
+             "vit.layernorm.weight": encoder.norm.weight, "vit.layernorm.bias": encoder.norm.bias,
+             "decoder.mask_token": model.mask_token, "decoder.decoder_pos_embed": model.decoder_pos_embed,
+             "decoder.decoder_embed.weight": model.decoder_embed.weight,
+             "decoder.decoder_embed.bias": model.decoder_embed.bias,
+             "decoder.decoder_norm.weight": model.decoder_norm.weight, "decoder.decoder_norm.bias": model.decoder_norm.bias,
+             "decoder.decoder_pred.weight": model.decoder_pred.weight, "decoder.decoder_pred.bias": model.decoder_pred.bias}
+    for index, block in enumerate(encoder.blocks):
+        state.update(timm_block_to_vit(block, f"vit.layers.{index}."))
+    for index, block in enumerate(model.decoder_blocks):
+        state.update(timm_block_to_vit(block, f"decoder.decoder_layers.{index}."))
+    reference.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True)
+    return reference
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_mae_loss_equals_transformers_vitmae(norm_pix_loss: bool) -> None:
+    model = tiny_mae(norm_pix_loss).eval()
+    reference = reference_mae(model)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model(images, noise=noise)
+        theirs = reference(pixel_values=images, noise=noise).loss
+    assert abs(ours.item() - theirs.item()) <= 1e-5, (ours.item(), theirs.item())
+
+
+def test_mae_loss_scores_masked_patches_only() -> None:
+    model = tiny_mae().eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        latent, mask, ids_restore = model.forward_encoder(images, noise)
+        pred = model.forward_decoder(latent, ids_restore, mask)
+        loss = model.forward_loss(images, pred, mask)
+        # Scramble the pixels of the visible patches: the loss of the same prediction must not move.
+        patches = model.patchify(images)
+        visible = ~mask.bool()
+        patches[visible] = torch.randn_like(patches[visible])
+        grid = patches.reshape(2, 4, 4, 8, 8, 3).permute(0, 5, 1, 3, 2, 4).reshape(2, 3, 32, 32)
+        assert torch.equal(model.patchify(grid), patches)
+        assert model.forward_loss(grid, pred, mask).item() == loss.item()
+        assert mask.sum().item() == 2 * 12 and pred.shape == (24, 8 * 8 * 3)
+
+
+def tiny_dino(**options):
+    from cpia_hf.train.dino import DINO
+
+    torch.manual_seed(0)
+    model = DINO("vit_tiny_patch16_224", img_size=32, model_kwargs=TINY_KWARGS, drop_path=0.1, out_dim=64,
+                 hidden_dim=64, bottleneck_dim=32, **options)
+    perturb(model.teacher, seed=1)  # a teacher that is no longer the student's copy
+    with torch.no_grad():
+        model.center.copy_(0.3 * torch.randn(1, 64, generator=torch.Generator().manual_seed(2)))
+    return model
+
+
+def dino_crops(batch: int = 4, local: int = 3) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randn(batch, 3, 32, 32, generator=generator) for _ in range(2)] + \
+        [torch.randn(batch, 3, 16, 16, generator=generator) for _ in range(local)]
+
+
+def official_interpolate_pos_encoding(pos_embed: torch.Tensor, patch: int, w: int, h: int) -> torch.Tensor:
+    """facebookresearch/dino vision_transformer.py `interpolate_pos_encoding`, as published."""
+    npatch, n = (w // patch) * (h // patch), pos_embed.shape[1] - 1
+    if npatch == n and w == h:
+        return pos_embed
+    class_pos_embed, patch_pos_embed = pos_embed[:, 0], pos_embed[:, 1:]
+    dim = pos_embed.shape[-1]
+    w0, h0 = w // patch + 0.1, h // patch + 0.1
+    patch_pos_embed = torch.nn.functional.interpolate(
+        patch_pos_embed.reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)), mode="bicubic")
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+
+
+def official_vit_cls(backbone, image: torch.Tensor) -> torch.Tensor:
+    """DINO's VisionTransformer.forward on a timm ViT's weights: prepare_tokens, blocks, norm, x[:, 0]."""
+    b, _, w, h = image.shape
+    x = backbone.patch_embed.proj(image).flatten(2).transpose(1, 2)
+    x = torch.cat((backbone.cls_token.expand(b, -1, -1), x), dim=1)
+    x = x + official_interpolate_pos_encoding(backbone.pos_embed, backbone.patch_embed.patch_size[0], w, h)
+    for block in backbone.blocks:
+        x = block(x)
+    return backbone.norm(x)[:, 0]
+
+
+def test_dino_loss_equals_the_published_equation() -> None:
+    model = tiny_dino().eval()  # eval: no drop-path in the student either, so both sides see the same network
+    crops = dino_crops()
+    center = model.center.clone()
+    with torch.no_grad():
+        ours = model(crops).item()
+        teacher = [model.teacher["head"](official_vit_cls(model.teacher["backbone"], c)) for c in crops[:2]]
+        student = [model.student["head"](official_vit_cls(model.student["backbone"], c)) for c in crops]
+    # L = 1 / (2 (V - 1)) * sum over global crops i and crops v != i of
+    #     mean over images b of  - sum_k P_t(i, b)_k log P_s(v, b)_k,
+    # P_t = softmax((g_t - C) / tau_t), P_s = softmax(g_s / tau_s), tau_t = 0.04, tau_s = 0.1 (DINO eq. 1, alg. 1)
+    total, pairs = 0.0, 0
+    for i in range(2):
+        p_teacher = torch.softmax((teacher[i] - center) / 0.04, dim=-1)
+        for v in range(len(crops)):
+            if v == i:
+                continue
+            log_p_student = torch.log_softmax(student[v] / 0.1, dim=-1)
+            per_image = [-(p_teacher[b] * log_p_student[b]).sum() for b in range(p_teacher.shape[0])]
+            total += sum(per_image) / len(per_image)
+            pairs += 1
+    assert pairs == 2 * (len(crops) - 1)
+    assert abs(ours - total.item() / pairs) <= 1e-5, (ours, total.item() / pairs)
+    # the centre moved afterwards: C <- m C + (1 - m) mean of the teacher outputs
+    expected_center = 0.9 * center + 0.1 * torch.cat(teacher).mean(0, keepdim=True)
+    torch.testing.assert_close(model.center, expected_center, atol=1e-6, rtol=0)
+
+
+def test_dino_teacher_sees_global_crops_only() -> None:
+    model = tiny_dino()
+    seen: dict[str, list] = {"teacher": [], "student": []}
+    for name in seen:
+        getattr(model, name)["backbone"].patch_embed.register_forward_hook(
+            lambda module, args, output, name=name: seen[name].append(tuple(args[0].shape)))
+    model(dino_crops(batch=2, local=3))
+    assert seen["teacher"] == [(4, 3, 32, 32)]  # both global crops, batched together, nothing else
+    assert seen["student"] == [(4, 3, 32, 32), (6, 3, 16, 16)]
+
+
+def test_dino_teacher_is_deterministic_whatever_the_mode_and_seed() -> None:
+    model = tiny_dino()  # as the trainer leaves it: never switched with train() / eval()
+    crops = dino_crops()
+    outputs = []
+    for seed, mode in ((0, None), (1, None), (2, True), (3, False)):
+        if mode is not None:
+            model.train(mode)
+        torch.manual_seed(seed)
+        student, teacher = model.forward_heads(crops)
+        outputs.append((student, teacher))
+    for _, teacher in outputs[1:]:
+        assert torch.equal(teacher, outputs[0][1])
+    assert not torch.equal(outputs[0][0], outputs[1][0])  # the student does drop paths (0.1)
+
+
+def test_dino_clips_each_gradient_and_freezes_the_last_layer_in_epoch_one() -> None:
+    from accelerate import Accelerator
+
+    model = tiny_dino(freeze_last_layer=1)
+    params = [p for p in model.student.parameters() if p.requires_grad]
+    for index, param in enumerate(params):
+        param.grad = torch.full_like(param, 1.0 if index % 2 else 1e-4)
+    norms = [p.grad.norm().item() for p in params]
+    model.clip_gradients(3.0, Accelerator(cpu=True))
+    for param, before in zip(params, norms):
+        expected = min(before, 3.0 / (1 + 1e-6 / before)) if before > 3.0 else before
+        assert param.grad.norm().item() == pytest.approx(expected, rel=1e-5)
+    model.set_progress(3, 100, steps_per_epoch=4)  # epoch 0: last layer frozen
+    model.before_optimizer_step()
+    assert all(p.grad is None for p in model.student["head"].last_layer.parameters())
+    model.set_progress(4, 100, steps_per_epoch=4)  # epoch 1: free
+    for param in model.student["head"].last_layer.parameters():
+        param.grad = torch.ones_like(param)
+    model.before_optimizer_step()
+    assert all(p.grad is not None for p in model.student["head"].last_layer.parameters() if p.requires_grad)
+
+
+def test_dino_local_crop_positions_and_schedules_follow_the_official_code() -> None:
+    from cpia_hf.train.dino import backbone_features
+
+    model = tiny_dino(teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=3).eval()
+    backbone = model.student["backbone"]
+    local = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(backbone_features(backbone, local), official_vit_cls(backbone, local),
+                                   atol=1e-6, rtol=0)
+        # timm's own (antialiased, exact-size) resample is a different table
+        assert (backbone(local) - official_vit_cls(backbone, local)).abs().max() > 1e-4
+    expected = np.linspace(0.04, 0.07, 3)  # main_dino.py teacher_temp_schedule, one value per epoch
+    for step in range(0, 20):
+        model.set_progress(step, 100, steps_per_epoch=4)
+        want = expected[step // 4] if step // 4 < 3 else 0.07
+        assert model.current_teacher_temp == pytest.approx(want, abs=1e-12)
+    # random init: class token drawn with std 0.02 (timm's own is 1e-6)
+    from cpia_hf.train.dino import DINO
+
+    torch.manual_seed(0)
+    fresh = DINO("vit_tiny_patch16_224", img_size=32, model_kwargs={"patch_size": 8, "depth": 1},
+                 out_dim=16, hidden_dim=16, bottleneck_dim=8)
+    assert 0.015 < fresh.student["backbone"].cls_token.std().item() < 0.025
+
+
+def plain_info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float, first_row: int) -> torch.Tensor:
+    """MoCo-v3 (Chen et al. 2021, eq. 1 and alg. 1): for query i, with q and k L2-normalised,
+    L_i = -log( exp(q_i . k_{first_row + i} / T) / sum_j exp(q_i . k_j / T) ), averaged, times 2T."""
+    q = queries / queries.norm(dim=1, keepdim=True)
+    k = keys / keys.norm(dim=1, keepdim=True)
+    losses = []
+    for i in range(q.shape[0]):
+        logits = [torch.dot(q[i], k[j]) / temperature for j in range(k.shape[0])]
+        positive = logits[first_row + i]
+        losses.append(-(positive - torch.logsumexp(torch.stack(logits), dim=0)))
+    return torch.stack(losses).mean() * 2 * temperature
+
+
+def tiny_moco():
+    from cpia_hf.train.mocov3 import MoCoV3
+
+    torch.manual_seed(0)
+    model = MoCoV3("vit_tiny_patch16_224", img_size=32, model_kwargs=TINY_KWARGS, mlp_dim=32, out_dim=16)
+    perturb(model.momentum_encoder, seed=1)
+    perturb(model.momentum_projector, seed=2)
+    return model
+
+
+def test_mocov3_loss_equals_the_published_equation() -> None:
+    model = tiny_moco()
+    generator = torch.Generator().manual_seed(7)
+    views = [torch.randn(6, 3, 32, 32, generator=generator) for _ in range(2)]
+    with torch.no_grad():
+        ours = model(views).item()
+        q1, q2 = (model.predictor(model.projector(model.encoder(v))) for v in views)
+        k1, k2 = (model.momentum_projector(model.momentum_encoder(v)) for v in views)
+    expected = plain_info_nce(q1, k2, 0.2, 0) + plain_info_nce(q2, k1, 0.2, 0)
+    assert abs(ours - expected.item()) <= 1e-5, (ours, expected.item())
+
+
+def test_mocov3_positives_sit_at_the_process_offset() -> None:
+    from cpia_hf.train.mocov3 import contrastive_labels, info_nce
+
+    # Two processes of 4 queries each; the keys of both are gathered in rank order.
+    generator = torch.Generator().manual_seed(8)
+    queries, keys = torch.randn(8, 16, generator=generator), torch.randn(8, 16, generator=generator)
+    normalised_keys = torch.nn.functional.normalize(keys, dim=1)
+    assert contrastive_labels(4, 1).tolist() == [4, 5, 6, 7]
+    for rank in (0, 1):
+        local = queries[4 * rank: 4 * rank + 4]
+        ours = info_nce(local, normalised_keys, 0.2, process_index=rank)
+        assert abs(ours.item() - plain_info_nce(local, keys, 0.2, first_row=4 * rank).item()) <= 1e-5
+    wrong = plain_info_nce(queries[4:], keys, 0.2, first_row=0)
+    assert abs(info_nce(queries[4:], normalised_keys, 0.2, process_index=1).item() - wrong.item()) > 1e-3
+
+
+def test_mocov3_vit_small_has_the_official_twelve_heads() -> None:
+    from cpia_hf.train.mocov3 import MoCoV3
+
+    model = MoCoV3("vit_small_patch16_224", img_size=224, mlp_dim=32, out_dim=16)
+    encoder = model.encoder
+    assert (encoder.embed_dim, len(encoder.blocks), encoder.patch_embed.patch_size) == (384, 12, (16, 16))
+    assert {block.attn.num_heads for block in encoder.blocks} == {12}
+    assert model.backbone_spec["kwargs"]["num_heads"] == 12  # saved with the encoder, so export rebuilds it
