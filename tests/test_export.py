@@ -180,3 +180,63 @@ def test_card_keeps_results_of_different_protocols_apart(tmp_path):
     assert values == {"accuracy (knn)": 0.85, "accuracy (linear)": 0.9}
     assert "| image-classification | WBC | test | knn | accuracy | 0.85 |" in card.text
     assert "| image-classification | WBC | test | linear | accuracy | 0.9 |" in card.text
+
+
+def test_vit_export_pools_to_the_class_token_with_no_weight_made_at_load(exported):
+    from transformers import pipeline
+
+    backbone, out, _ = exported
+    model, info = ViTModel.from_pretrained(out / "vit", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    pooled = []
+    for seed in (0, 1):  # a pooler made at load would draw different weights under different seeds
+        torch.manual_seed(seed)
+        extractor = pipeline("image-feature-extraction", model=str(out / "vit"), pool=True, framework="pt")
+        pooled.append(torch.as_tensor(np.asarray(extractor(image, return_tensors=False))).reshape(-1))
+    assert torch.equal(pooled[0], pooled[1])
+    pixels = ViTImageProcessor.from_pretrained(out / "vit")(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        cls_token = backbone.forward_features(pixels)[0, 0]
+    assert (pooled[0] - cls_token).abs().max() <= 1e-4
+
+
+def test_timm_and_vit_preprocess_a_non_square_tile_alike(exported):
+    _, out, _ = exported
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (30, 70, 3), dtype=np.uint8))
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
+    from_timm = transform(image)
+    from_processor = ViTImageProcessor.from_pretrained(out, subfolder="vit")(image, return_tensors="pt")["pixel_values"][0]
+    assert from_timm.shape == from_processor.shape == (3, 32, 32)
+    # the whole tile, squashed: a centre crop would differ by whole grey levels at the sides
+    assert (from_timm - from_processor).abs().max() <= 1 / 255 / min(STD) + 1e-4
+    assert (from_timm - from_processor).abs().mean() <= 1e-3
+
+
+def test_card_states_the_real_architecture_resolution_and_embedding(tmp_path):
+    backbone = tiny_vit()
+    context = run_context(input_mpp={"M": 0.4942, "S": 0.1236}, dataset_config="mini",
+                          evaluation=[{"task": "image-classification", "dataset": "WBC", "metric": "accuracy",
+                                       "value": 0.9758, "std": 0.0012, "runs": 5, "split": "test",
+                                       "protocol": "linear"}])
+    paths = export_encoder(backbone, tmp_path / "m", model_name="m", card_context=context)
+    text = paths["card"].read_text()
+    assert "depth 2, width 48, 3 heads, patch 8 px, 32x32 px input" in text
+    assert "embed_dim=48" in text and "depth=2" in text and "img_size=32" in text  # overrides of vit_tiny
+    assert "M 0.4942 µm/px, S 0.1236 µm/px" in text and "CLS token" in text
+    assert "| 0.9758 ± 0.0012 (5 runs) |" in text and "fractions in [0, 1]" in text
+    # the spread survives a later update of the card (kept in model-index metric_args)
+    update_model_card_evaluation(paths["card"], [{"task": "image-classification", "dataset": "pRCC",
+                                                  "metric": "accuracy", "value": 0.9, "split": "test"}])
+    assert "| 0.9758 ± 0.0012 (5 runs) |" in paths["card"].read_text()
+
+
+def test_card_context_round_trips_through_json(tmp_path):
+    from cpia_hf.model.card import ModelCardContext
+
+    context = ModelCardContext.from_dict(run_context(model_name="x", base_model="timm/vit_small_patch16_224"))
+    path = context.write(tmp_path / "card_context.json")
+    assert ModelCardContext.read(path) == context
+    with pytest.raises(ValueError, match="unknown card context key"):
+        ModelCardContext.from_dict({"model_name": "x", "datset": "typo"})
