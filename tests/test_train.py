@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from timm.models import VisionTransformer
 from timm.optim import create_optimizer_v2
@@ -200,11 +201,16 @@ def test_resume_repeats_the_uninterrupted_run(method: str, dataset_dir: Path, tm
 
 def test_export_writes_the_hub_folder(dataset_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert cli.main(train_args("mae", dataset_dir, out, "--max-steps", "2")) == 0
+    assert cli.main(train_args("mae", dataset_dir, out, "--max-steps", "2", "--dataset-id", "someone/CPIA")) == 0
     model_dir = out / "model"
     assert (model_dir / "model.safetensors").is_file() and (model_dir / "README.md").is_file()
     card = (model_dir / "README.md").read_text()
     assert "MAE" in card and "mini" in card
+    metadata = ModelCard.load(model_dir / "README.md").data
+    assert metadata.datasets == ["someone/CPIA"] and metadata.base_model is None
+    assert str(dataset_dir) not in card and str(tmp_path) not in card
+    assert "depth=2" in card and "embed_dim=32" in card and "patch 8 px, 32x32 px input" in card
+    assert "M 0.4942 µm/px" in card and "S 0.1235 µm/px" in card and "CLS token" in card
     exported = load_file(str(model_dir / "model.safetensors"))
     encoder = load_file(str(out / "encoder.safetensors"))
     assert torch.equal(exported["blocks.1.mlp.fc2.weight"], encoder["blocks.1.mlp.fc2.weight"])
@@ -533,3 +539,58 @@ def test_mocov3_vit_small_has_the_official_twelve_heads() -> None:
     assert (encoder.embed_dim, len(encoder.blocks), encoder.patch_embed.patch_size) == (384, 12, (16, 16))
     assert {block.attn.num_heads for block in encoder.blocks} == {12}
     assert model.backbone_spec["kwargs"]["num_heads"] == 12  # saved with the encoder, so export rebuilds it
+
+
+RECIPES = sorted((REPO / "recipes").glob("*_vit_*.yaml"))
+
+
+def test_recipes_cover_the_model_family() -> None:
+    names = {path.stem for path in RECIPES}
+    assert names == {f"{method}_vit_{size}16" for method in ("mae", "mocov3", "dino") for size in "sb"}
+    assert (REPO / "recipes" / "accelerate_2gpu.yaml").is_file()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda path: path.stem)
+def test_each_recipe_parses_into_a_train_config(recipe: Path) -> None:
+    import yaml
+
+    cfg = cli.build_config(parse(["--recipe", str(recipe), "--data", "someone/CPIA"]))
+    method, size = recipe.stem.split("_vit_")
+    per_gpu = {"mae": 1024, "mocov3": 512, "dino": 256}[method]  # CPIA paper, Table II (2 GPUs)
+    assert cfg.method == method and cfg.batch_size == per_gpu and cfg.augment.img_size == 224
+    assert cfg.model == {"s16": "vit_small_patch16_224", "b16": "vit_base_patch16_224"}[size]
+    assert cfg.config == "mini" and cfg.data == "someone/CPIA" and cfg.mixed_precision == "bf16"
+    values = yaml.safe_load(recipe.read_text())
+    assert cfg.epochs == values["epochs"] and cfg.base_lr == values["base_lr"]
+    assert cfg.method_options == values["method_options"] and cfg.betas == tuple(values["betas"])
+    assert cfg.augment.crop_scale == tuple(values["augment"]["crop_scale"])
+    import inspect
+
+    assert set(cfg.method_options) <= set(inspect.signature(METHODS[method]).parameters)
+    # flags override the recipe
+    small = cli.build_config(parse(["--recipe", str(recipe), "--data", "x", "--batch-size", "8", "--epochs", "2",
+                                    "--out", "elsewhere", "--img-size", "64"]))
+    assert (small.batch_size, small.epochs, small.out, small.augment.img_size) == (8, 2, "elsewhere", 64)
+
+
+def test_recipe_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: mae\nbatchsize: 8\n")
+    with pytest.raises(ValueError, match="bad.yaml: unknown recipe key.*batchsize"):
+        cli.build_config(parse(["--recipe", str(bad), "--data", "x", "--out", "y"]))
+    bad.write_text("method: mae\nmethod_options: {temperature: 0.2}\n")
+    with pytest.raises(ValueError, match="mae: unknown method option.*temperature"):
+        cli.build_config(parse(["--recipe", str(bad), "--data", "x", "--out", "y"]))
+
+
+def test_train_runs_from_a_recipe(dataset_dir: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        f"method: mae\nconfig: mini\nout: {tmp_path / 'run'}\nmodel: vit_tiny_patch16_224\n"
+        f"model_kwargs: {TINY_VIT}\nbatch_size: 8\nnum_workers: 0\nwarmup_steps: 1\nlr: 1.0e-3\n"
+        f"cache_dir: {tmp_path / 'hf_cache'}\naugment: {{img_size: 32}}\n"
+        "method_options: {decoder_dim: 32, decoder_depth: 1, decoder_heads: 2}\n")
+    assert cli.main(["--recipe", str(recipe), "--data", str(dataset_dir), "--max-steps", "2", "--no-export"]) == 0
+    config = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert config["method_options"]["decoder_dim"] == 32 and config["max_steps"] == 2
+    assert sorted(read_log(tmp_path / "run")) == [2]  # log_every 10: the last step only
