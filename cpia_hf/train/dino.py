@@ -124,7 +124,8 @@ class DINO(PretrainMethod):
         self.teacher.eval()  # no drop-path in the teacher
         return self
 
-    def make_transform(self, augment: AugmentConfig) -> Callable:
+    @classmethod
+    def make_transform(cls, augment: AugmentConfig) -> Callable:
         return MultiCrop(augment)
 
     def export_backbone(self) -> VisionTransformer:

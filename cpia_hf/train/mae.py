@@ -99,7 +99,8 @@ class MAE(PretrainMethod):
             encoder.pos_embed.requires_grad_(False)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def make_transform(self, augment: AugmentConfig) -> Callable:
+    @classmethod
+    def make_transform(cls, augment: AugmentConfig) -> Callable:
         return MAEView(augment)
 
     def export_backbone(self) -> VisionTransformer:

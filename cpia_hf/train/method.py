@@ -60,7 +60,8 @@ class PretrainMethod(nn.Module):
     def epoch(self) -> int:
         return self.step // max(1, self.steps_per_epoch)
 
-    def make_transform(self, augment: AugmentConfig) -> Callable:
+    @classmethod
+    def make_transform(cls, augment: AugmentConfig) -> Callable:
         """The view maker applied to each decoded image."""
         raise NotImplementedError
 

@@ -101,7 +101,8 @@ class MoCoV3(PretrainMethod):
         self.momentum_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
-    def make_transform(self, augment: AugmentConfig) -> Callable:
+    @classmethod
+    def make_transform(cls, augment: AugmentConfig) -> Callable:
         return TwoViews(augment)
 
     def export_backbone(self) -> VisionTransformer:
