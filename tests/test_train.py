@@ -539,6 +539,10 @@ def test_mocov3_vit_small_has_the_official_twelve_heads() -> None:
     assert (encoder.embed_dim, len(encoder.blocks), encoder.patch_embed.patch_size) == (384, 12, (16, 16))
     assert {block.attn.num_heads for block in encoder.blocks} == {12}
     assert model.backbone_spec["kwargs"]["num_heads"] == 12  # saved with the encoder, so export rebuilds it
+    from cpia_hf.model.export import architecture_fields
+
+    fields = architecture_fields(encoder)  # what the model card states
+    assert (fields["num_heads"], fields["depth"], fields["model_overrides"]) == (12, 12, {"num_heads": 12})
 
 
 RECIPES = sorted((REPO / "recipes").glob("*_vit_*.yaml"))

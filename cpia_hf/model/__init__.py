@@ -1,2 +1,4 @@
 """Publishing a model: the shared ViT backbone (`backbone`), the Hub export that timm and
-transformers both load (`export`) and its model card (`card`); `cli` holds `cpia export`."""
+transformers both load (`export`), its model card and the `ModelCardContext` schema (`card`), the
+LR scaling and cosine schedule that pre-training and fine-tuning share (`optim`); `cli` holds
+`cpia export`."""

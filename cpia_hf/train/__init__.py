@@ -6,6 +6,11 @@ datasets (loading, filters, streaming, node split) and torchvision (augmentation
 heads and losses are written here, after the official repositories: `lightly` would add a
 dependency for three small modules, and its wrappers do not keep the plain timm backbone that the
 export needs (class token, final norm, no fc_norm) nor our per-step seeding for exact resume.
+
+Modules: `config` (`TrainConfig`), `method` (the `PretrainMethod` interface, EMA update and
+momentum schedule), `mae` / `dino` / `mocov3` (one method each, with `forward_loss`), `trainer`
+(`train` = `set_up`, `run_steps`, `finish`), `data` (loading, sharding, seeded views), `augment`
+(views) and `cli` (`cpia train`, `--recipe`, and `publish_run`, which exports and pushes a run).
 """
 from .config import TrainConfig
 from .dino import DINO
