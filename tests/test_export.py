@@ -240,3 +240,29 @@ def test_card_context_round_trips_through_json(tmp_path):
     assert ModelCardContext.read(path) == context
     with pytest.raises(ValueError, match="unknown card context key"):
         ModelCardContext.from_dict({"model_name": "x", "datset": "typo"})
+
+
+def test_cpia_export_reads_a_card_context_file(tmp_path):
+    import argparse
+
+    from safetensors.torch import save_file
+
+    from cpia_hf.model.card import ModelCardContext
+    from cpia_hf.model.cli import configure_export, run_export
+
+    backbone = tiny_vit()
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    ModelCardContext.from_dict(run_context(method="mocov3")).write(tmp_path / "context.json")
+    parser = argparse.ArgumentParser()
+    configure_export(parser)
+    args = parser.parse_args(["--weights", str(tmp_path / "w.safetensors"), "--model", "vit_tiny_patch16_224",
+                              "--model-args", json.dumps({k: v for k, v in TINY_VIT.items() if k != "num_classes"}),
+                              "--out", str(tmp_path / "out"), "--card-context", str(tmp_path / "context.json")])
+    assert run_export(args) == 0
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.datasets == ["someone/CPIA"] and "mocov3" in card.data.tags
+    assert "| Global batch | 16 |" in card.text and "depth 2, width 48, 3 heads" in card.text
+    (tmp_path / "bad.json").write_text('{"model_name": "x", "lr_typo": 1}')
+    args.card_context = tmp_path / "bad.json"
+    with pytest.raises(ValueError, match="bad.json: unknown card context key"):
+        run_export(args)
