@@ -144,7 +144,8 @@ def test_model_card_metadata_disclaimer_and_loss_curve(tmp_path):
 def test_model_card_without_evaluation_or_history(tmp_path):
     context = {"model_name": "bare", "license": "apache-2.0", "dataset": str(tmp_path / "data" / "cpia-demo")}
     card = ModelCard.load(write_model_card(tmp_path, context))
-    assert card.data.datasets == ["cpia-demo"] and str(tmp_path) not in card.content
+    assert card.data.datasets is None and str(tmp_path) not in card.content  # a local folder is no Hub id
+    assert "cpia-demo" in card.text
     assert "model-index" not in card.data.to_dict() and card.data.license == "apache-2.0"
     assert "No evaluation recorded yet" in card.text and "Training loss" not in card.text
     assert not (tmp_path / "loss_curve.png").exists()

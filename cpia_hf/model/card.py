@@ -24,6 +24,7 @@ Method = Literal["mae", "dino", "mocov3"]
 LOSS_CURVE_NAME = "loss_curve.png"
 CARD_CONTEXT = "card_context.json"  # a run's ModelCardContext, in its output folder and each checkpoint
 HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # namespace/name: what `datasets:` metadata may name
 METHOD_NAMES = {"mae": "MAE", "mocov3": "MoCo v3", "dino": "DINO"}
 EVAL_START, EVAL_END = "<!-- evaluation:start -->", "<!-- evaluation:end -->"
 RECIPE_FIELDS = (
@@ -209,7 +210,8 @@ def card_data(context: ModelCardContext) -> ModelCardData:
         pipeline_tag="image-feature-extraction",
         tags=["pathology", "histology", "self-supervised", "vision-transformer", "cpia"]
         + ([context.method] if context.method else []),
-        datasets=[context.dataset] if context.dataset else None,
+        # Hub metadata names Hub repos only; a local folder (shown by name in the text) is left out
+        datasets=[context.dataset] if context.dataset and HUB_REPO_ID.match(context.dataset) else None,
         base_model=context.base_model,
         model_name=context.model_name,
         eval_results=eval_results(context.model_name, context.evaluation) if context.evaluation else None,

@@ -236,8 +236,8 @@ def publish_run(cfg: TrainConfig, card_context: ModelCardContext) -> Path:
     hub_context = replace(card_context, repo_id=cfg.push_to_hub) if cfg.push_to_hub else card_context
     model_dir = Path(cfg.out) / HUB_FOLDER
     if not cfg.dataset_id and Path(cfg.data).exists():
-        print(f"model card: datasets metadata names the local folder {card_context.dataset!r}; "
-              "pass --dataset-id <user>/CPIA to name the Hub dataset")
+        print(f"model card: trained on the local folder {card_context.dataset!r}, so the card's `datasets:` "
+              "metadata stays empty; pass --dataset-id <user>/CPIA to name the Hub dataset")
     export_encoder(backbone, model_dir, model_name=model_name, card_context=hub_context)
     if cfg.push_to_hub:
         url = push_folder(model_dir, cfg.push_to_hub, repo_type="model", private=cfg.private,
