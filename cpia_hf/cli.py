@@ -8,6 +8,7 @@ import sys
 
 # subcommand -> (the stage's cli module, help); the module defines configure_<name>(parser) and run_<name>(args)
 COMMANDS = {
+    "sources": ("cpia_hf.dataset.cli", "list the source datasets: access, licence, expected folders, presence"),
     "convert": ("cpia_hf.dataset.cli", "convert source datasets into a CPIA dataset folder"),
     "push": ("cpia_hf.dataset.cli", "upload a dataset folder to the Hugging Face Hub"),
     "demo": ("cpia_hf.demo.cli", "generate sample sources and convert them (offline)"),

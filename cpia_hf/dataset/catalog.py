@@ -22,6 +22,9 @@ KINDS = ("wsi", "roi")
 FIELDS_OF_STUDY = ("histopathology", "cytopathology")
 ROI_SCALES = ("L", "M", "S")
 LABEL_SOURCES = ("parent",)
+# How a source is obtained: a plain download, an account/registration (Kaggle, grand-challenge, a form), a
+# signed data-use agreement, the NBIA Data Retriever with a TCIA manifest, or gdc-client with a GDC manifest.
+ACCESS = ("open", "registration", "agreement", "tcia", "gdc", UNKNOWN)
 
 # Organ vocabulary of Table I of the CPIA paper, lower case ("Brian" in the table is brain).
 ORGANS: tuple[str, ...] = (
@@ -33,7 +36,7 @@ ORGANS: tuple[str, ...] = (
 
 REQUIRED_TEXT = ("name", "kind", "path", "pattern", "organ", "disease", "stain", "field", "license", "homepage",
                  "citation")
-OPTIONAL = ("scale", "label_from", "train_pattern", "mpp", "released_names", "expected_images")
+OPTIONAL = ("scale", "label_from", "train_pattern", "mpp", "released_names", "expected_images", "access", "benchmarks")
 ROI_ONLY = ("scale", "label_from", "train_pattern")
 WSI_ONLY = ("mpp",)
 
@@ -63,11 +66,15 @@ class CatalogEntry:
     mpp: float | None = None  # WSI only: um/px to use when the slides carry none
     released_names: dict[str, str] = dataclasses.field(default_factory=dict)  # scale -> released folder name
     expected_images: dict[str, int] = dataclasses.field(default_factory=dict)  # scale -> released image count
+    access: str = UNKNOWN  # one of ACCESS: how the source is obtained
+    # public benchmarks (names and Hub dataset ids) whose images come from this source: clean configs leave it out
+    benchmarks: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping in catalog.yaml form (unset optional fields left out), loadable again."""
         values = dataclasses.asdict(self)
-        return {key: value for key, value in values.items() if value is not None and value != {}}
+        values["benchmarks"] = list(self.benchmarks)
+        return {key: value for key, value in values.items() if value is not None and value not in ({}, [])}
 
 
 def subset_slug(name: str) -> str:
@@ -155,6 +162,11 @@ def _validate_entry(raw: Any) -> CatalogEntry:
         raise ValueError(f"an roi entry needs scale in {ROI_SCALES}, got {raw.get('scale')!r}")
     if "label_from" in raw and raw["label_from"] not in LABEL_SOURCES:
         raise ValueError(f"label_from {raw['label_from']!r} is not one of {LABEL_SOURCES}")
+    if raw.get("access", UNKNOWN) not in ACCESS:
+        raise ValueError(f"access {raw['access']!r} is not one of {ACCESS}")
+    benchmarks = raw.get("benchmarks", [])
+    if not isinstance(benchmarks, list) or not all(isinstance(b, str) and b.strip() for b in benchmarks):
+        raise ValueError(f"benchmarks must be a list of non-empty names or Hub ids, got {benchmarks!r}")
     mpp = raw.get("mpp")
     if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float))
                             or not math.isfinite(mpp) or mpp <= 0):
@@ -164,7 +176,8 @@ def _validate_entry(raw: Any) -> CatalogEntry:
     released_names = _per_scale(raw, "released_names", allowed_scales, str)
     expected_images = _per_scale(raw, "expected_images", allowed_scales, int)
     return CatalogEntry(**{**raw, "mpp": None if mpp is None else float(mpp),
-                           "released_names": released_names, "expected_images": expected_images})
+                           "released_names": released_names, "expected_images": expected_images,
+                           "benchmarks": tuple(benchmarks)})
 
 
 def _per_scale(raw: dict, key: str, allowed_scales: tuple[str, ...], value_type: type) -> dict:

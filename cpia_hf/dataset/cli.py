@@ -1,4 +1,4 @@
-"""`cpia convert` and `cpia push`: build a CPIA dataset folder from its sources, upload it."""
+"""`cpia sources`, `cpia convert` and `cpia push`: find the sources, build a CPIA dataset folder, upload it."""
 from __future__ import annotations
 
 import argparse
@@ -73,6 +73,30 @@ def run_convert(args: argparse.Namespace) -> int:
         unit_shard=args.unit_shard,
     )
     return print_report(report, args.out)
+
+
+def configure_sources(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--catalog", type=Path, default=None, help="catalog YAML (default: the release catalog)")
+    parser.add_argument("--source-root", type=Path, default=None,
+                        help="folder holding the source datasets: report each entry present, partial or missing")
+    parser.add_argument("--format", choices=("table", "md", "csv"), default="table", help="output format")
+    parser.add_argument("--subsets", default=None, help="comma-separated catalog names (default: all)")
+
+
+def run_sources(args: argparse.Namespace) -> int:
+    from .sources import render, survey
+
+    try:
+        entries = select_entries(load_catalog(args.catalog or default_catalog_path()), args.subsets)
+    except CatalogError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.source_root is not None and not args.source_root.is_dir():
+        print(f"error: source root {args.source_root} is not a folder", file=sys.stderr)
+        return 2
+    rows = survey(entries, args.source_root)
+    sys.stdout.write(render(rows, args.format, with_state=args.source_root is not None))
+    return 0
 
 
 def configure_push(parser: argparse.ArgumentParser) -> None:
