@@ -1,6 +1,8 @@
 import argparse
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
@@ -12,14 +14,20 @@ from cpia_hf.dataset.cli import run_push
 from cpia_hf.model.cli import configure_export, run_export
 
 
+def shard_bytes(subset: str, rows: int = 3) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"subset": [subset] * rows, "license": ["CC-BY-4.0"] * rows}), sink)
+    return sink.getvalue().to_pybytes()
+
+
 def dataset_folder(root):
     """A small built-dataset folder: card, shards, plus files that must stay local."""
     files = {
         "README.md": b"---\nconfigs:\n- config_name: mini\n  data_files:\n  - split: train\n"
                      b"    path: data/mini/**/*.parquet\n---\n# CPIA test\n",
-        "data/mini/M/bach/bach-00000.parquet": bytes(range(256)) * 3,
-        "data/mini/S/wbc/wbc-00000.parquet": b"PAR1" + bytes(1000) + b"PAR1",
-        "data/full/L/bach/bach-00000.parquet": b"\x00\xff" * 4096,
+        "data/mini/M/bach/bach-00000.parquet": shard_bytes("bach"),
+        "data/mini/S/wbc/wbc-00000.parquet": shard_bytes("wbc", 5),
+        "data/full/L/bach/bach-00000.parquet": shard_bytes("bach", 7),
     }
     local_only = {".work/progress.json": b"{}", "data/mini/M/bach/part.tmp": b"partial", ".git/config": b"[core]"}
     for name, content in {**files, **local_only}.items():
@@ -36,11 +44,13 @@ def test_cpia_push_uploads_exactly_the_dataset_files(fake_hub, tmp_path, monkeyp
     folder = tmp_path / "cpia"
     files = dataset_folder(folder)
     monkeypatch.setenv("HF_TOKEN", fake_hub.token)
-    args = argparse.Namespace(repo=folder, repo_id="someone/cpia-test", private=True, endpoint=fake_hub.url)
+    args = argparse.Namespace(repo=folder, repo_id="someone/cpia-test", public=False, include_restricted="",
+                              catalog=None, endpoint=fake_hub.url)
 
     assert run_push(args) == 0
 
-    assert fake_hub.received_files("dataset", "someone/cpia-test") == files
+    finished = {name: (folder / name).read_bytes() for name in ("README.md", "LICENSES.md")}  # card for the repo
+    assert fake_hub.received_files("dataset", "someone/cpia-test") == {**files, **finished}
     assert [path for _, path, _ in fake_hub.requests] == [
         "/api/repos/create", "/api/validate-yaml", "/api/datasets/someone/cpia-test/preupload/main",
         "/api/datasets/someone/cpia-test/commit/main",
@@ -56,11 +66,11 @@ def test_cpia_push_uploads_exactly_the_dataset_files(fake_hub, tmp_path, monkeyp
 
     # a second push to the existing repo (409 on create) adds a new shard
     (folder / "data/mini/L/camelyon/camelyon-00000.parquet").parent.mkdir(parents=True)
-    (folder / "data/mini/L/camelyon/camelyon-00000.parquet").write_bytes(b"new shard")
+    (folder / "data/mini/L/camelyon/camelyon-00000.parquet").write_bytes(shard_bytes("camelyon"))
     assert run_push(args) == 0
     received = fake_hub.received_files("dataset", "someone/cpia-test")
-    assert received["data/mini/L/camelyon/camelyon-00000.parquet"] == b"new shard"
-    assert len(received) == len(files) + 1
+    assert received["data/mini/L/camelyon/camelyon-00000.parquet"] == shard_bytes("camelyon")
+    assert len(received) == len(files) + 2
 
 
 def test_push_refuses_folders_over_hub_limits_before_any_request(fake_hub, tmp_path, monkeypatch):

@@ -27,6 +27,9 @@ TABLE_COLUMNS = (("wsi", "XL"), ("wsi", "L"), ("roi", "L"), ("wsi", "M"), ("roi"
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
 GALLERY_PER_SCALE = 8
+REPO_PLACEHOLDER = "<this repo>"  # in a card written without --repo-id; `cpia push` fills it in
+LICENCE_FILE = "LICENSES.md"
+LICENCE_KEYS = ("license", "license_name", "license_link", "extra_gated_prompt", "extra_gated_fields")
 
 
 def config_globs(configs: tuple[str, ...]) -> dict[str, str]:
@@ -182,9 +185,8 @@ def write_dataset_card(
                   "rows": sum(n for (s, *_r), n in counts[main].items() if s == e.name)}
                  for e in entries if e.name in present],
     )
-    text = "---\n" + yaml.dump(metadata, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True) + "---\n" + body
     path = out_dir / "README.md"
-    write_atomic(path, text.encode())
+    write_atomic(path, _card_text(metadata, body).encode())
     write_atomic(out_dir / "stats.json", json.dumps(
         {c: [[*k, n] for k, n in sorted(counts[c].items())] for c in configs}, indent=0).encode())
     return path
@@ -205,3 +207,41 @@ def _save_png_atomic(fig, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
     write_atomic(path, buffer.getvalue())
+
+
+def subset_licences(out_dir: Path) -> dict[str, str]:
+    """Subset -> licence of every row under `out_dir/data`, read from the two metadata columns only."""
+    licences: dict[str, str] = {}
+    for path in sorted((out_dir / "data").glob("**/*.parquet")):
+        table = pq.read_table(path, columns=["subset", "license"]).group_by(["subset", "license"]).aggregate([])
+        for subset, licence in zip(table.column("subset").to_pylist(), table.column("license").to_pylist()):
+            if licences.setdefault(subset, licence) != licence:
+                raise ValueError(f"{path}: subset {subset!r} has rows under two licences ({licences[subset]!r}, "
+                                 f"{licence!r})")
+    return licences
+
+
+def split_card(text: str) -> tuple[dict, str]:
+    """(YAML metadata, Markdown body) of a card."""
+    if not text.startswith("---\n"):
+        return {}, text
+    head, _, body = text[4:].partition("\n---\n")
+    return yaml.safe_load(head) or {}, body
+
+
+def finalize_card(out_dir: Path, repo_id: str, licences: dict[str, str], homepages: dict[str, str]) -> Path:
+    """Make the card of `out_dir` ready for the Hub repo `repo_id`: the repo id in place of the placeholder,
+    licence metadata of the included subsets (+ LICENSES.md) and gating when a licence asks for terms."""
+    from .licences import gating_metadata, hub_licence_metadata, licence_file
+
+    path = out_dir / "README.md"
+    metadata, body = split_card(path.read_text(encoding="utf-8"))
+    kept = {key: value for key, value in metadata.items() if key not in LICENCE_KEYS}
+    metadata = {**hub_licence_metadata(licences, LICENCE_FILE), **kept, **gating_metadata(licences)}
+    write_atomic(out_dir / LICENCE_FILE, licence_file(licences, homepages).encode())
+    write_atomic(path, _card_text(metadata, body.replace(REPO_PLACEHOLDER, repo_id)).encode())
+    return path
+
+
+def _card_text(metadata: dict, body: str) -> str:
+    return "---\n" + yaml.dump(metadata, Dumper=_PlainDumper, sort_keys=False, allow_unicode=True) + "---\n" + body

@@ -102,13 +102,40 @@ def run_sources(args: argparse.Namespace) -> int:
 def configure_push(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo", type=Path, required=True, help="built dataset folder (cpia convert / cpia demo)")
     parser.add_argument("--repo-id", required=True, help="Hub dataset repo, e.g. user/CPIA")
-    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--public", action="store_true", help="make a new repo public (default: private)")
+    parser.add_argument("--include-restricted", default="",
+                        help="comma-separated subsets to push although their licence is unknown or does not allow "
+                             "redistribution (you must hold the right to publish them)")
+    parser.add_argument("--catalog", type=Path, default=None, help="catalog YAML for the sources' homepages")
     parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
 
 
 def run_push(args: argparse.Namespace) -> int:
-    url = push_folder(args.repo, args.repo_id, repo_type="dataset", private=args.private,
+    """Check the licences of the folder's subsets, finish its card for the repo id, upload it."""
+    from .card import finalize_card, subset_licences
+    from .licences import restricted_subsets
+
+    licences = subset_licences(args.repo)
+    if not licences:
+        raise ValueError(f"{args.repo}: no shards under data/; build it with `cpia convert` first")
+    named = {name.strip() for name in args.include_restricted.split(",") if name.strip()}
+    unknown = sorted(named - set(licences))
+    if unknown:
+        raise ValueError(f"--include-restricted names subsets not in {args.repo}: {unknown}")
+    refused = {s: lic for s, lic in restricted_subsets(licences).items() if s not in named}
+    if refused:
+        print(f"cpia push: refused: {len(refused)} subset(s) of {args.repo} have a licence that is unknown or does "
+              f"not allow redistribution:", file=sys.stderr)
+        for subset, licence in refused.items():
+            print(f"  {subset}: {licence}", file=sys.stderr)
+        print("Rebuild without them (cpia convert --subsets ...), or, if you hold the right to publish them, name "
+              "them in --include-restricted.", file=sys.stderr)
+        return 2
+    homepages = {e.name: e.homepage for e in load_catalog(args.catalog or default_catalog_path())}
+    finalize_card(args.repo, args.repo_id, licences, homepages)
+    url = push_folder(args.repo, args.repo_id, repo_type="dataset", private=not args.public,
                       commit_message=f"Upload {args.repo.name} with cpia-hf",
                       ignore_patterns=DATASET_IGNORE_PATTERNS, endpoint=args.endpoint)
-    print(f"pushed {args.repo} to {url}")
+    print(f"pushed {args.repo} to {url} ({'public' if args.public else 'private'}; "
+          f"{len(licences)} subsets{', incl. restricted ' + ', '.join(sorted(named)) if named else ''})")
     return 0
