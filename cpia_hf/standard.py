@@ -11,8 +11,11 @@ import hashlib
 STANDARD_MPP = 0.4942
 SCALES = ("XL", "L", "M", "S")
 SCALE_SIDES = {"XL": 3840, "L": 960, "M": 384, "S": 96}
-FOLDER_OF_SCALE = {"XL": "L", "L": "L", "M": "M", "S": "S"}
-FOLDERS = ("L", "M", "S")
+# One folder per scale, so that a config of one scale downloads only its own bytes (an L user no XL tile).
+# The release grouped XL with L in one folder; the release folders are RELEASE_FOLDERS (documented as globs in the card).
+FOLDER_OF_SCALE = {"XL": "XL", "L": "L", "M": "M", "S": "S"}
+FOLDERS = ("XL", "L", "M", "S")
+RELEASE_FOLDERS = {"L": ("XL", "L"), "M": ("M",), "S": ("S",)}
 ROI_SIDE = 384
 MINI_SIDE = 384
 

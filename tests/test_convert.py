@@ -22,7 +22,8 @@ from cpia_hf.dataset.mini import CELL_DIVISOR, M_PER_CELL
 from cpia_hf.demo.synth import he_like_image, write_slide
 from cpia_hf.standard import FOLDER_OF_SCALE, SCALE_SIDES, STANDARD_MPP
 
-CONFIGS = ("full", "L", "M", "S", "mini", "mini_L", "mini_M", "mini_S")
+CONFIGS = ("full", "XL", "L", "M", "S", "full_clean", "mini", "mini_clean")
+BENCHMARK_SUBSETS = {"demo-lung-roi"}  # the demo catalog's entry with `benchmarks:`
 
 
 def card_metadata(dataset: Path) -> dict:
@@ -56,13 +57,31 @@ def test_layout_and_all_configs_load_offline(demo_build: Path) -> None:
         first = next(iter(streamed))
         assert isinstance(first["image"], Image.Image)
         assert first["scale"] in SCALE_SIDES and first["organ"] and first["subset"]
-        if config in ("L", "M", "S", "mini_L", "mini_M", "mini_S"):
-            folder = config[-1]
-            assert {FOLDER_OF_SCALE[s] for s in ds["scale"]} == {folder}
-    # folder layout: data/<config>/<L|M|S>/<subset>/<subset>-NNNNN.parquet
-    for shard in (dataset / "data").rglob("*.parquet"):
-        config, folder, slug, name = shard.relative_to(dataset / "data").parts
-        assert config in ("full", "mini") and folder in ("L", "M", "S") and name.startswith(slug + "-")
+        if config in ("XL", "L", "M", "S"):  # one folder per scale: an L user downloads no XL tile
+            assert set(ds["scale"]) == {config}
+        if config.endswith("_clean"):
+            assert not set(ds["subset"]) & BENCHMARK_SUBSETS
+    # folder layout: data/full/<XL|L|M|S>/<subset>/<subset>-NNNNN.parquet, data/mini/mini-NNNNN-<group>.parquet
+    for shard in (dataset / "data" / "full").rglob("*.parquet"):
+        folder, slug, name = shard.relative_to(dataset / "data" / "full").parts
+        assert folder in FOLDER_OF_SCALE.values() and name.startswith(slug + "-")
+    minis = sorted(p.name for p in (dataset / "data" / "mini").iterdir())
+    assert minis == ["mini-00000-clean.parquet", "mini-00001-benchmark.parquet"]
+
+
+def test_clean_configs_and_release_grouping(demo_build: Path) -> None:
+    dataset = demo_build / "dataset"
+    columns = ["subset", "image_id", "scale"]
+    for config in ("full", "mini"):
+        every = read_rows(dataset, config, columns)
+        clean = read_rows(dataset, f"{config}_clean", columns)
+        assert {r["subset"] for r in every} & BENCHMARK_SUBSETS, config  # the demo has a benchmark subset
+        assert sorted(map(str, clean)) == sorted(str(r) for r in every if r["subset"] not in BENCHMARK_SUBSETS)
+    # the release's L folder (XL + L) as the documented glob pair
+    globs = [str(dataset / "data/full/XL/*/*.parquet"), str(dataset / "data/full/L/*/*.parquet")]
+    release_l = load_dataset("parquet", data_files=globs, split="train").select_columns(columns).to_list()
+    full = read_rows(dataset, "full", columns)
+    assert sorted(map(str, release_l)) == sorted(str(r) for r in full if r["scale"] in ("XL", "L"))
 
 
 def test_full_rows_follow_the_standard(demo_build: Path) -> None:
@@ -139,7 +158,7 @@ def test_card_counts_equal_rows(demo_build: Path) -> None:
         assert line.rstrip(" |").split("|")[-1].strip() == str(n)
     total = next(l for l in text.splitlines() if l.startswith("| **Total** |"))
     assert total.rstrip(" |").split("|")[-1].strip() == str(len(rows))
-    for png in ("organ_composition.png", "gallery_XL.png", "gallery_M.png", "gallery_S.png"):
+    for png in ("organ_composition.png", "gallery_XL.png", "gallery_L.png", "gallery_M.png", "gallery_S.png"):
         assert Image.open(dataset / "assets" / png).format == "PNG"
         assert f"assets/{png}" in text
 

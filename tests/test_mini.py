@@ -65,3 +65,100 @@ def test_roi_mini_keeps_training_split_and_drops_labelled_sources_without_one() 
     assert roi_transform(unlabelled, 90)(table).num_rows == 3
     assert roi_transform(with_split, 90)(table).num_rows == 2
     assert roi_transform(without_split, 90)(table).num_rows == 0
+
+
+# --- the mixed mini layout: streaming mix, reproducibility, resume --------------------------------------------------
+
+MIX_SUBSETS = {"big": (1200, "clean"), "mid": (500, "clean"), "small": (200, "clean"), "bench": (100, "benchmark")}
+BATCHES, BATCH = 10, 64
+# |observed - expected| share of the largest subset in the first 640 streamed rows: 4 binomial standard deviations
+# of a fair 640-row sample (p = 0.6: 0.077), plus the granularity of the clean/benchmark shard interleave
+# (benchmark rows are 5 %: at most a 1/0.95 factor on a clean subset's share, 0.03 here).
+MIX_TOLERANCE = 0.11
+
+
+def _per_subset_files(root):
+    """Per-subset mini shards as packing writes them before the mix (rows ordered by slide and position)."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from cpia_hf.schema import FEATURES
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 100, 150)).save(buffer, format="JPEG")
+    rng = np.random.default_rng(0)
+    groups = {"clean": [], "benchmark": []}
+    for subset, (rows, group) in MIX_SUBSETS.items():
+        records = [{"image": {"bytes": buffer.getvalue() + rng.bytes(2000), "path": None}, "image_id": f"{subset}-slide{k // 100}-384-{k % 10}-{k // 10}", "subset": subset,
+                    "kind": "wsi", "scale": "M", "organ": "breast", "disease": "x", "stain": "H&E",
+                    "field": "histopathology", "source_file": f"{subset}/slide{k // 100}.svs", "x": 0.0, "y": 0.0,
+                    "width": 1.0, "height": 1.0, "mpp": 1.0, "tissue_fraction": 1.0, "label": None,
+                    "license": "CC0-1.0"} for k in range(rows)]
+        path = root / "M" / subset / f"{subset}-00000.parquet"
+        path.parent.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(records, schema=FEATURES.arrow_schema), path)
+        groups[group].append(path)
+    return groups
+
+
+def _largest_share(files) -> tuple[float, float]:
+    """(share of the largest subset in the first 10 batches of 64 streamed rows, its share in all rows)."""
+    from collections import Counter
+
+    from datasets import load_dataset
+
+    streamed = load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=True)
+    first = [row["subset"] for _, row in zip(range(BATCHES * BATCH), streamed.select_columns(["subset"]))]
+    every = Counter(row["subset"] for row in streamed.select_columns(["subset"]))
+    largest, n = every.most_common(1)[0]
+    return first.count(largest) / len(first), n / sum(every.values())
+
+
+def test_mixed_mini_streams_a_fair_sample(tmp_path, capsys) -> None:
+    from cpia_hf.dataset.mini import pack_mixed
+
+    groups = _per_subset_files(tmp_path / "subsets")
+    mini = tmp_path / "data" / "mini"
+    rows = pack_mixed(groups, mini, tmp_path / "work", seed=0, key="k", shard_bytes=1_200_000)
+    assert rows == sum(n for n, _ in MIX_SUBSETS.values())
+    names = sorted(p.name for p in mini.glob("*.parquet"))
+    assert len(names) >= 3 and {n.rsplit("-", 1)[1] for n in names} == {"clean.parquet", "benchmark.parquet"}
+
+    mixed, expected = _largest_share(sorted(mini.glob("*.parquet")))
+    clean, clean_expected = _largest_share(sorted(mini.glob("*-clean.parquet")))
+    per_subset, _ = _largest_share(sorted(groups["clean"] + groups["benchmark"]))
+    with capsys.disabled():
+        print(f"\nlargest subset share in the first {BATCHES}x{BATCH} streamed rows: mixed mini {mixed:.3f} "
+              f"(config {expected:.3f}); mini_clean {clean:.3f} (config {clean_expected:.3f}); "
+              f"per-subset layout {per_subset:.3f}")
+    assert abs(mixed - expected) <= MIX_TOLERANCE
+    assert abs(clean - clean_expected) <= MIX_TOLERANCE
+    assert per_subset - expected > 0.2  # the per-subset layout streams one subset at a time
+
+
+def test_mixed_mini_is_reproducible_and_resumes(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from cpia_hf.dataset.mini import pack_mixed
+
+    groups = _per_subset_files(tmp_path / "subsets")
+
+    def build(out, seed, key="k"):
+        pack_mixed(groups, out / "mini", out / "work", seed=seed, key=key, shard_bytes=1_200_000)
+        return {p.name: p.read_bytes() for p in sorted((out / "mini").glob("*.parquet"))}
+
+    first = build(tmp_path / "a", 0)
+    assert build(tmp_path / "b", 0) == first  # byte-identical from scratch
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "mini").glob("*.parquet")}
+    assert build(tmp_path / "a", 0) == first  # same key: nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "mini").glob("*.parquet")} == stamps
+    other = build(tmp_path / "c", 1)
+    order = [pq.read_table(tmp_path / "c" / "mini" / n, columns=["image_id"]).column(0).to_pylist() for n in other]
+    base = [pq.read_table(tmp_path / "a" / "mini" / n, columns=["image_id"]).column(0).to_pylist() for n in first]
+    assert order != base and sorted(sum(order, [])) == sorted(sum(base, []))  # another seed, same rows
+    (tmp_path / "a" / "mini" / sorted(first)[0]).unlink()  # a lost shard is rebuilt
+    assert build(tmp_path / "a", 0) == first

@@ -1,8 +1,9 @@
 """Dataset card generator: the README.md whose YAML declares the configs over the Parquet shards.
 
 `datasets` 4+ refuses loading scripts, so the dataset is made loadable by this card alone: each
-config is a list of file globs over `data/`, which costs no storage (L, M and S select folders of
-`full`). Statistics, the organ chart and the tile gallery are computed from the shards themselves.
+config is a list of file globs over `data/`, which costs no storage (XL, L, M, S and full_clean select
+folders of `full`, mini_clean the clean shards of `mini`). Statistics, the composition chart and the
+tile gallery are computed from the shards themselves.
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 import jinja2
+import numpy as np
 import pyarrow.parquet as pq
 import yaml
+from matplotlib.figure import Figure
 from PIL import Image
 
 from ..resources import DATASET_CARD_TEMPLATE, read_resource
 from ..schema import FEATURES
-from ..standard import FOLDERS, SCALE_SIDES, SCALES, STANDARD_MPP
+from ..standard import FOLDERS, RELEASE_FOLDERS, SCALE_SIDES, SCALES, STANDARD_MPP, WHITE_LEVEL, stable_unit_float
 from .catalog import CatalogEntry, subset_slug
 from .units import write_atomic
 
@@ -27,24 +30,33 @@ TABLE_COLUMNS = (("wsi", "XL"), ("wsi", "L"), ("roi", "L"), ("wsi", "M"), ("roi"
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
 GALLERY_PER_SCALE = 8
-REPO_PLACEHOLDER = "<this repo>"  # in a card written without --repo-id; `cpia push` fills it in
+GALLERY_TILE = 256  # px per gallery tile
+GALLERY_CROP = {"XL": 960, "L": 480}  # XL/L tiles are shown as a tissue-centred crop of this side (detail visible)
+REPO_PLACEHOLDER = "<this repo>"  # in a card written without a repo id; `cpia push` fills it in
 LICENCE_FILE = "LICENSES.md"
 LICENCE_KEYS = ("license", "license_name", "license_link", "extra_gated_prompt", "extra_gated_fields")
+PAPER_URL = "https://doi.org/10.1016/j.bspc.2025.108148"
+PREPRINT_URL = "https://arxiv.org/abs/2310.17902"
+RELEASE_URL = "https://github.com/zhanglab2021/CPIA_Dataset"
 
 
-def config_globs(configs: tuple[str, ...]) -> dict[str, str]:
-    """Config name -> data_files glob of its single `train` split."""
-    globs = {}
-    for config in configs:
-        globs[config] = f"data/{config}/*/*/*.parquet"
-        for folder in FOLDERS:
-            name = folder if config == "full" else f"{config}_{folder}"
-            globs[name] = f"data/{config}/{folder}/*/*.parquet"
+def config_globs(configs: tuple[str, ...], entries: list[CatalogEntry]) -> dict[str, list[str]]:
+    """Config name -> data_files globs of its single `train` split (configs without files are dropped later)."""
+    globs: dict[str, list[str]] = {}
+    clean = [subset_slug(e.name) for e in entries if not e.benchmarks]
+    if "full" in configs:
+        globs["full"] = ["data/full/*/*/*.parquet"]
+        globs.update({folder: [f"data/full/{folder}/*/*.parquet"] for folder in FOLDERS})
+        globs["full_clean"] = [f"data/full/*/{slug}/*.parquet" for slug in clean]
+    if "mini" in configs:
+        globs["mini"] = ["data/mini/*.parquet"]
+        globs["mini_clean"] = ["data/mini/*-clean.parquet"]
     return globs
 
 
-def shard_files(out_dir: Path, glob: str) -> list[Path]:
-    return sorted(out_dir.glob(glob))
+def shard_files(out_dir: Path, globs: list[str] | str) -> list[Path]:
+    globs = [globs] if isinstance(globs, str) else globs
+    return sorted({path for glob in globs for path in out_dir.glob(glob)})
 
 
 def read_counts(paths: list[Path]) -> Counter:
@@ -84,73 +96,136 @@ def organ_table(counts: Counter, entries: list[CatalogEntry]) -> list[dict]:
     return rows
 
 
+CHART_SERIES = (("WSI XL", "wsi", ("XL",)), ("WSI L", "wsi", ("L",)), ("WSI M", "wsi", ("M",)),
+                ("WSI S", "wsi", ("S",)), ("ROI", "roi", ("L", "M", "S")))
+
+
 def organ_chart(counts: Counter, path: Path) -> None:
-    """Horizontal stacked bar chart of images per organ and scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Grouped horizontal bars of images per organ, per WSI scale and ROIs, on a log axis (XL and ROI bars are
+    orders of magnitude below M and S at real scale and would vanish on a linear one)."""
     organs = sorted({organ for (_, organ, _, _) in counts})
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(organs) + 1.5))
-    left = [0] * len(organs)
-    for scale in SCALES:
-        values = [sum(n for (_, o, _, s), n in counts.items() if o == organ and s == scale) for organ in organs]
-        ax.barh(organs, values, left=left, label=scale)
-        left = [a + b for a, b in zip(left, values)]
-    ax.set_xlabel("images")
-    ax.set_title("CPIA composition by organ and scale")
-    ax.legend(title="scale")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    _save_png_atomic(fig, path)
-    plt.close(fig)
+    figure = Figure(figsize=(8, 0.55 * len(organs) + 1.6), dpi=100)  # no pyplot: no global state
+    axes = figure.subplots()
+    height = 0.8 / len(CHART_SERIES)
+    for k, (label, kind, scales) in enumerate(CHART_SERIES):
+        values = [sum(n for (_, o, kd, sc), n in counts.items() if o == organ and kd == kind and sc in scales)
+                  for organ in organs]
+        positions = [i + (k - (len(CHART_SERIES) - 1) / 2) * height for i in range(len(organs))]
+        axes.barh(positions, [v if v > 0 else np.nan for v in values], height=height, label=label)
+    axes.set_yticks(range(len(organs)), organs)
+    axes.set_xscale("log")
+    axes.set_xlabel("images (log scale)")
+    axes.set_title("CPIA composition by organ, scale and kind")
+    axes.grid(axis="x", which="major", alpha=0.3)
+    axes.legend(fontsize="small")
+    axes.invert_yaxis()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", metadata={"Software": None})
+    write_atomic(path, buffer.getvalue())
 
 
-def first_image(shard: Path, scale: str) -> Image.Image | None:
-    """The first image of the given scale in a shard, reading only the row group that holds it."""
-    parquet = pq.ParquetFile(shard)
-    for index in range(parquet.num_row_groups):
-        scales = parquet.read_row_group(index, columns=["scale"]).column("scale").to_pylist()
-        if scale in scales:
-            image = parquet.read_row_group(index, columns=["image"]).column("image")[scales.index(scale)].as_py()
-            return Image.open(io.BytesIO(image["bytes"])).convert("RGB")
-    return None
+def gallery_candidates(paths: list[Path]) -> dict[str, list[dict]]:
+    """Per scale, every row's location and metadata (shard, row group, index, subset, organ, tissue fraction)."""
+    candidates: dict[str, list[dict]] = defaultdict(list)
+    columns = ["subset", "organ", "scale", "kind", "tissue_fraction", "image_id"]
+    for path in paths:
+        parquet = pq.ParquetFile(path)
+        for group in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group, columns=columns).to_pylist()
+            for index, row in enumerate(table):
+                candidates[row["scale"]].append({**row, "path": path, "group": group, "index": index})
+    return candidates
 
 
-def gallery(paths: list[Path], scale: str, path: Path, per_scale: int = GALLERY_PER_SCALE) -> bool:
-    """A strip of tiles of one scale, one per shard (so spread over subsets); False when there is none."""
-    thumbs: list[Image.Image] = []
-    for shard in paths:
-        image = first_image(shard, scale)
-        if image is not None:
-            thumbs.append(image.resize((128, 128), Image.Resampling.LANCZOS))
-        if len(thumbs) >= per_scale:
-            break
-    if not thumbs:
-        return False
-    sheet = Image.new("RGB", (132 * len(thumbs) - 4, 128), "white")
-    for i, thumb in enumerate(thumbs):
-        sheet.paste(thumb, (i * 132, 0))
+def pick_gallery(candidates: list[dict], seed: int, count: int = GALLERY_PER_SCALE) -> list[dict]:
+    """Up to `count` rows spread over organs and subsets (round robin in seeded order); WSI tiles that are mostly
+    tissue first, others only when those run out."""
+    tissue = [r for r in candidates if r["kind"] == "roi" or (r["tissue_fraction"] or 0) >= 0.5]
+    rest = [r for r in candidates if not (r["kind"] == "roi" or (r["tissue_fraction"] or 0) >= 0.5)]
+    picked = _round_robin(tissue, seed, count)
+    return picked + _round_robin(rest, seed, count - len(picked))
+
+
+def _round_robin(pool: list[dict], seed: int, count: int) -> list[dict]:
+    by_organ: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in sorted(pool, key=lambda r: stable_unit_float(seed, "gallery", r["subset"], r["image_id"])):
+        by_organ[row["organ"]][row["subset"]].append(row)
+    organs = sorted(by_organ, key=lambda o: stable_unit_float(seed, "gallery-organ", o))
+    picked: list[dict] = []
+    round_index = 0
+    while len(picked) < count and any(rows for subsets in by_organ.values() for rows in subsets.values()):
+        for organ in organs:  # one tile per organ per round, rotating through the organ's subsets
+            subsets = [s for s in sorted(by_organ[organ]) if by_organ[organ][s]]
+            if subsets and len(picked) < count:
+                picked.append(by_organ[organ][subsets[round_index % len(subsets)]].pop(0))
+        round_index += 1
+    return picked
+
+
+def tissue_crop(image: Image.Image, side: int) -> Image.Image:
+    """A `side` square centred on the tissue (pixels darker than the white level) of `image`."""
+    if side >= min(image.size):
+        return image
+    thumb = np.asarray(image.resize((64, 64), Image.Resampling.BOX), dtype=np.float32)
+    mask = thumb.mean(axis=2) < WHITE_LEVEL
+    cy, cx = (np.argwhere(mask).mean(axis=0) + 0.5) / 64 if mask.any() else (0.5, 0.5)
+    left = int(min(max(cx * image.width - side / 2, 0), image.width - side))
+    top = int(min(max(cy * image.height - side / 2, 0), image.height - side))
+    return image.crop((left, top, left + side, top + side))
+
+
+def load_image(row: dict) -> Image.Image:
+    table = pq.ParquetFile(row["path"]).read_row_group(row["group"], columns=["image"])
+    data = table.column("image")[row["index"]].as_py()["bytes"]
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def gallery(rows: list[dict], scale: str, path: Path) -> list[dict]:
+    """A sheet of the picked tiles (XL/L as tissue-centred crops) at GALLERY_TILE px; returns the captions."""
+    if not rows:
+        return []
+    per_row = 4
+    lines = -(-len(rows) // per_row)
+    sheet = Image.new("RGB", ((GALLERY_TILE + 4) * min(per_row, len(rows)) - 4, (GALLERY_TILE + 4) * lines - 4),
+                      "white")
+    captions = []
+    for k, row in enumerate(rows):
+        original = load_image(row)
+        image = tissue_crop(original, GALLERY_CROP.get(scale, 10**9))
+        tile = image.resize((GALLERY_TILE, GALLERY_TILE), Image.Resampling.LANCZOS)
+        sheet.paste(tile, ((k % per_row) * (GALLERY_TILE + 4), (k // per_row) * (GALLERY_TILE + 4)))
+        captions.append({"subset": row["subset"], "organ": row["organ"], "image_id": row["image_id"],
+                         "crop": image.width if image.size != original.size else None})
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
     write_atomic(path, buffer.getvalue())
-    return True
+    return captions
 
 
 def write_dataset_card(
-    out_dir: Path, entries: list[CatalogEntry], *, configs: tuple[str, ...], mini_fraction: float, options
+    out_dir: Path, entries: list[CatalogEntry], *, configs: tuple[str, ...], mini_fraction: float, options,
+    repo_id: str | None = None,
 ) -> Path:
     """Write README.md (YAML configs + dataset_info + statistics) and its PNG assets into `out_dir`."""
-    globs = {name: glob for name, glob in config_globs(configs).items() if shard_files(out_dir, glob)}
-    infos = {name: split_info(shard_files(out_dir, glob)) for name, glob in globs.items()}
-    counts = {config: read_counts(shard_files(out_dir, f"data/{config}/*/*/*.parquet")) for config in configs}
     main = "full" if "full" in configs else configs[0]
-    organ_chart(counts[main], out_dir / "assets" / "organ_composition.png")
-    galleries = [s for s in SCALES if gallery(shard_files(out_dir, f"data/{main}/*/*/*.parquet"), s,
-                                              out_dir / "assets" / f"gallery_{s}.png")]
+    main_files = shard_files(out_dir, config_globs((main,), [])[main])
+    counts = {main: read_counts(main_files)}
     present = {subset for (subset, *_rest) in counts[main]}
-    features_yaml = FEATURES._to_yaml_list()
+    present_entries = [e for e in entries if e.name in present]
+    globs = {name: g for name, g in config_globs(configs, present_entries).items() if g and shard_files(out_dir, g)}
+    infos = {name: split_info(shard_files(out_dir, g)) for name, g in globs.items()}
+    for config in configs:
+        if config not in counts and config in globs:
+            counts[config] = read_counts(shard_files(out_dir, globs[config]))
+    organ_chart(counts[main], out_dir / "assets" / "organ_composition.png")
+    candidates = gallery_candidates(main_files)
+    galleries = {}
+    for scale in SCALES:
+        captions = gallery(pick_gallery(candidates.get(scale, []), options.seed), scale,
+                           out_dir / "assets" / f"gallery_{scale}.png")
+        if captions:
+            galleries[scale] = captions
     metadata = {
         "license": "other",
         "license_name": "cpia-source-licenses",
@@ -161,11 +236,11 @@ def write_dataset_card(
         "size_categories": [_size_category(infos[main]["num_examples"])] if main in infos else [],
         "configs": [
             {"config_name": name, **({"default": True} if name == main else {}),
-             "data_files": [{"split": "train", "path": glob}]}
-            for name, glob in globs.items()
+             "data_files": [{"split": "train", "path": g[0] if len(g) == 1 else g}]}
+            for name, g in globs.items()
         ],
         "dataset_info": [
-            {"config_name": name, "features": features_yaml,
+            {"config_name": name, "features": FEATURES._to_yaml_list(),
              "splits": [{"name": "train", "num_bytes": info["num_bytes"], "num_examples": info["num_examples"]}],
              "download_size": info["download_size"], "dataset_size": info["num_bytes"]}
             for name, info in infos.items()
@@ -173,22 +248,28 @@ def write_dataset_card(
     }
     template = jinja2.Template(read_resource(DATASET_CARD_TEMPLATE))
     body = template.render(
-        configs=[{"name": n, "glob": g, **infos[n]} for n, g in globs.items()],
-        tables={c: organ_table(counts[c], entries) for c in configs if counts[c]},
+        repo_id=repo_id or REPO_PLACEHOLDER,
+        configs=[{"name": n, "globs": g, **infos[n]} for n, g in globs.items()],
+        tables={c: organ_table(counts[c], entries) for c in ("full", "mini") if counts.get(c)},
         table_columns=[f"{k.upper()} {s}" for k, s in TABLE_COLUMNS],
         galleries=galleries,
+        gallery_crop=GALLERY_CROP,
         scale_sides=SCALE_SIDES,
+        folders=FOLDERS,
+        release_folders=RELEASE_FOLDERS,
         standard_mpp=STANDARD_MPP,
         mini_fraction=mini_fraction,
         options=asdict(options),
+        benchmark_subsets=[{"name": e.name, "benchmarks": list(e.benchmarks)} for e in present_entries if e.benchmarks],
         subsets=[{**e.to_dict(), "slug": subset_slug(e.name),
                   "rows": sum(n for (s, *_r), n in counts[main].items() if s == e.name)}
-                 for e in entries if e.name in present],
+                 for e in present_entries],
+        paper_url=PAPER_URL, preprint_url=PREPRINT_URL, release_url=RELEASE_URL,
     )
     path = out_dir / "README.md"
     write_atomic(path, _card_text(metadata, body).encode())
     write_atomic(out_dir / "stats.json", json.dumps(
-        {c: [[*k, n] for k, n in sorted(counts[c].items())] for c in configs}, indent=0).encode())
+        {c: [[*k, n] for k, n in sorted(counts[c].items())] for c in counts}, indent=0).encode())
     return path
 
 
@@ -201,12 +282,6 @@ class _PlainDumper(yaml.SafeDumper):
 
 def _size_category(n: int) -> str:
     return next((label for bound, label in SIZE_CATEGORIES if n < bound), "n>1B")
-
-
-def _save_png_atomic(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    write_atomic(path, buffer.getvalue())
 
 
 def subset_licences(out_dir: Path) -> dict[str, str]:

@@ -12,11 +12,21 @@ from tqdm.auto import tqdm
 
 from ..standard import stable_unit_float
 from .catalog import CatalogEntry, subset_slug
-from .mini import DEFAULT_MINI_FRACTION, mini_cells, read_tile_index, roi_transform, select_wsi_tiles, wsi_transform
-from .shards import pack_key, pack_subset
+from .mini import (
+    DEFAULT_MINI_FRACTION,
+    mini_cells,
+    mix_group_of,
+    pack_mixed,
+    read_tile_index,
+    roi_transform,
+    select_wsi_tiles,
+    wsi_transform,
+)
+from .shards import SHARD_BYTES, pack_key, pack_subset
 from .units import ConvertOptions, Unit, UnitResult, convert_unit, discover_units, read_record, unit_paths
 
 CONFIGS = ("full", "mini")
+MINI_SUBSETS = "mini-subsets"  # per-subset mini shards under .work, mixed into data/mini
 logger = logging.getLogger(__name__)
 
 
@@ -89,10 +99,11 @@ def convert(
         if "mini" in configs:
             quota = mini_cells(entries, {name: files for name, (files, _) in done.items()}, mini_fraction)
             jobs = [
-                (files, out_dir / "data" / "mini", e, work_dir, pack_key(key, quota.get(e.name)), quota.get(e.name), options)
+                (files, work_dir / MINI_SUBSETS, e, work_dir, pack_key(key, quota.get(e.name)), quota.get(e.name), options)
                 for e, (files, key) in _keyed(entries, done, "mini")
             ]
             report.rows["mini"] = _sum_rows(executor.map(_pack_job, jobs, "pack mini", progress), report)
+            _mix_mini(entries, out_dir, work_dir, jobs, options.seed, report)
     if card:
         from .card import write_dataset_card
 
@@ -130,13 +141,28 @@ def _pack_job(
     """One subset's packing; top-level so that it can run in a worker process."""
     config = config_dir.name
     transform = None
-    if config == "mini":
+    if config == MINI_SUBSETS:
         if entry.kind == "wsi":
             selected = select_wsi_tiles(read_tile_index(files), entry.name, mini_cell_count or 0, options.seed)
             transform = wsi_transform(selected, options.jpeg_quality)
         else:
             transform = roi_transform(entry, options.jpeg_quality)
     return pack_subset(files, config_dir, subset_slug(entry.name), work_dir / "pack" / config, key, transform)
+
+
+def _mix_mini(entries: list[CatalogEntry], out_dir: Path, work_dir: Path, jobs: list, seed: int,
+              report: ConvertReport) -> None:
+    """Mix the per-subset mini shards into data/mini (see cpia_hf.dataset.mini.pack_mixed)."""
+    groups: dict[str, list[Path]] = {}
+    for entry in entries:
+        files = sorted((work_dir / MINI_SUBSETS).glob(f"*/{subset_slug(entry.name)}/*.parquet"))
+        groups.setdefault(mix_group_of(entry), []).extend(files)
+    key = pack_key("mini-mixed", seed, [job[4] for job in jobs], {g: [p.name for p in f] for g, f in groups.items()})
+    try:
+        pack_mixed(groups, out_dir / "data" / "mini", work_dir, seed, key, SHARD_BYTES)
+    except Exception as error:  # reported like any packing failure; the per-subset shards stay for a rerun
+        logger.exception("mixing mini failed")
+        report.failures.append({"subset": "", "file": "", "reason": f"mixing mini failed: {error!r}"})
 
 
 def _sum_rows(results: list, report: ConvertReport) -> dict[str, int]:

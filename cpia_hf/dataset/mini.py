@@ -16,10 +16,14 @@ Selection rule (documented in the card):
 from __future__ import annotations
 
 import io
+import json
+import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -156,3 +160,111 @@ def _resized(table: pa.Table, quality: int) -> pa.Table:
     image_field = table.schema.field("image")
     table = table.set_column(table.schema.get_field_index("image"), image_field, pa.array(resized, image_field.type))
     return table.set_column(table.schema.get_field_index("mpp"), table.schema.field("mpp"), [pa.array(mpp, pa.float64())])
+
+
+# --- the published mini: one seeded, global shuffle of all subsets -------------------------------------------------
+#
+# Per-subset mini shards (rows ordered by slide) are packed first under .work/mini-subsets; they are then mixed into
+# `data/mini/mini-NNNNN-<group>.parquet`: every row gets a seeded pseudo-random rank, the rows of a group are cut in
+# rank order into shards of about SHARD_BYTES, each shard sorted by rank. Groups: "clean" (subsets without a
+# benchmark) and "benchmark"; their shards are numbered in one interleaved sequence, so that `mini`
+# (data/mini/*.parquet) streams both groups in proportion and `mini_clean` (data/mini/*-clean.parquet) is a glob.
+MIX_GROUPS = ("clean", "benchmark")
+MIX_KEY_COLUMNS = ["subset", "source_file", "image_id", "scale"]
+
+
+def mix_group_of(entry: CatalogEntry) -> str:
+    return "benchmark" if entry.benchmarks else "clean"
+
+
+def row_ranks(files: list[Path], seed: int) -> list[list[int]]:
+    """Per file, the global rank of each row in the seeded shuffle of all rows of `files`."""
+    keys = []
+    for index, path in enumerate(files):
+        table = pq.read_table(path, columns=MIX_KEY_COLUMNS)
+        for row, parts in enumerate(zip(*(table.column(c).to_pylist() for c in MIX_KEY_COLUMNS))):
+            keys.append((stable_unit_float(seed, "mini-mix", *parts), parts, index, row))
+    keys.sort()
+    ranks = [[0] * pq.ParquetFile(path).metadata.num_rows for path in files]
+    for rank, (_, _, index, row) in enumerate(keys):
+        ranks[index][row] = rank
+    return ranks
+
+
+def mix_group(files: list[Path], tmp_dir: Path, group: str, seed: int, shard_bytes: int) -> list[Path]:
+    """Shuffle the rows of `files` into ceil(bytes / shard_bytes) shards under `tmp_dir`; returns them in order."""
+    from .shards import _ShardSeries
+
+    ranks = row_ranks(files, seed)
+    total = sum(len(r) for r in ranks)
+    if total == 0:
+        return []
+    n_shards = max(1, -(-sum(p.stat().st_size for p in files) // shard_bytes))
+    buckets = tmp_dir / f"{group}-buckets"
+    buckets.mkdir(parents=True, exist_ok=True)
+    writers: dict[int, pq.ParquetWriter] = {}
+    for path, file_ranks in zip(files, ranks):  # pass 1: rows into per-shard bucket files, with their rank
+        parquet, start = pq.ParquetFile(path), 0
+        for group_index in range(parquet.num_row_groups):
+            table = parquet.read_row_group(group_index)
+            rank = pa.array(file_ranks[start:start + table.num_rows], pa.int64())
+            start += table.num_rows
+            table = table.append_column("_rank", rank)
+            shard_of = [r * n_shards // total for r in rank.to_pylist()]
+            for shard in sorted(set(shard_of)):
+                part = table.filter(pa.array([s == shard for s in shard_of]))
+                if shard not in writers:
+                    writers[shard] = pq.ParquetWriter(buckets / f"{shard:05d}.parquet", part.schema)
+                writers[shard].write_table(part)
+    for writer in writers.values():
+        writer.close()
+    written = []
+    for shard in sorted(writers):  # pass 2: each bucket sorted by rank into one shard
+        bucket = buckets / f"{shard:05d}.parquet"
+        table = pq.read_table(bucket)
+        table = table.take(pc.sort_indices(table, [("_rank", "ascending")])).drop_columns(["_rank"])
+        series = _ShardSeries(tmp_dir, f"{group}-{shard:05d}", shard_bytes=2**62)
+        series.add(table)
+        written.extend(series.close())
+        bucket.unlink()
+    buckets.rmdir()
+    return written
+
+
+def interleave(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """(group, index) of every shard, ordered so that each group is spread evenly over the sequence."""
+    slots = [((k + 0.5) / n, MIX_GROUPS.index(group), group, k) for group, n in counts.items() for k in range(n)]
+    return [(group, k) for _, _, group, k in sorted(slots)]
+
+
+def pack_mixed(groups: dict[str, list[Path]], mini_dir: Path, work_dir: Path, seed: int, key: str,
+               shard_bytes: int) -> int:
+    """Write `mini_dir/mini-NNNNN-<group>.parquet` from the per-subset mini shards; returns the rows written.
+
+    Resumable and reproducible: a record under `work_dir/pack` holding `key` (the inputs' pack keys and the
+    seed) skips the work when the shards are in place; otherwise the shards are rebuilt into a temporary
+    folder and moved in, and shards of an earlier mix that are no longer part of it are removed.
+    """
+    from .units import read_record, write_atomic
+
+    record_path = work_dir / "pack" / "mini-mixed.json"
+    record = read_record(record_path)
+    if record and record.get("key") == key and all((mini_dir / f).exists() for f in record["files"]):
+        return record["rows"]
+    tmp_dir = work_dir / "mini-mix"
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    mixed = {group: mix_group(files, tmp_dir, group, seed, shard_bytes) for group, files in groups.items()}
+    final = []
+    mini_dir.mkdir(parents=True, exist_ok=True)
+    for index, (group, k) in enumerate(interleave({g: len(paths) for g, paths in mixed.items()})):
+        target = mini_dir / f"mini-{index:05d}-{group}.parquet"
+        os.replace(mixed[group][k], target)
+        final.append(target.name)
+    for stale in mini_dir.glob("*.parquet*"):
+        if stale.name not in final:
+            stale.unlink()
+    shutil.rmtree(tmp_dir)
+    rows = sum(pq.ParquetFile(mini_dir / name).metadata.num_rows for name in final)
+    write_atomic(record_path, json.dumps({"key": key, "files": final, "rows": rows}, indent=1).encode())
+    return rows

@@ -1,4 +1,5 @@
-"""Packing of unit files into the published Parquet shards `data/<config>/<L|M|S>/<subset>/<subset>-NNNNN.parquet`.
+"""Packing of unit files into the published Parquet shards `data/full/<XL|L|M|S>/<subset>/<subset>-NNNNN.parquet`
+(the mini config is mixed across subsets afterwards, see `cpia_hf.dataset.mini.pack_mixed`).
 
 Shards are written with `datasets`' ParquetWriter (typed `huggingface` schema metadata, page index,
 content-defined chunking so re-uploads deduplicate on the Hub's storage). Sizes, chosen for the Hub:
@@ -47,8 +48,8 @@ def iter_unit_batches(unit_files: Iterable[Path], transform: RowFilter | None = 
 class _ShardSeries:
     """Consecutive shards of one (folder, subset): rolls over at SHARD_BYTES, row groups at ROW_GROUP_BYTES."""
 
-    def __init__(self, folder: Path, slug: str):
-        self.folder, self.slug = folder, slug
+    def __init__(self, folder: Path, slug: str, shard_bytes: int = SHARD_BYTES):
+        self.folder, self.slug, self.shard_bytes = folder, slug, shard_bytes
         self.written: list[Path] = []
         self.rows = 0
         self._writer: ParquetWriter | None = None
@@ -83,7 +84,7 @@ class _ShardSeries:
         self.rows += table.num_rows
         self._shard_bytes += self._pending_bytes
         self._pending, self._pending_bytes = [], 0
-        if self._shard_bytes >= SHARD_BYTES:
+        if self._shard_bytes >= self.shard_bytes:
             self._close_shard()
 
     def _close_shard(self) -> None:

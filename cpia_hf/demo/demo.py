@@ -42,7 +42,8 @@ def demo_catalog() -> dict:
              "organ": "colon", "disease": "adenocarcinoma", "stain": "H&E", "field": "histopathology", **common},
             {"name": "demo-lung-roi", "kind": "roi", "path": "demo-lung-roi", "pattern": "**/*.png",
              "organ": "lung", "disease": "adenocarcinoma", "stain": "H&E", "field": "histopathology",
-             "scale": "M", "label_from": "parent", "train_pattern": "train/**/*.png", **common},
+             "scale": "M", "label_from": "parent", "train_pattern": "train/**/*.png",
+             "benchmarks": ["demo-lung-benchmark"], **common},  # stands for a public benchmark (clean configs)
             {"name": "demo-blood-roi", "kind": "roi", "path": "demo-blood-roi", "pattern": "*.*",
              "organ": "blood", "disease": "unknown", "stain": "Wright-Giemsa", "field": "cytopathology",
              "scale": "S", **common},

@@ -1,0 +1,66 @@
+"""Dataset card: no placeholder once pushed, full citation, a gallery across subsets and organs, tissue crops."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cpia_hf.dataset.card import REPO_PLACEHOLDER, finalize_card, pick_gallery, split_card, subset_licences, tissue_crop
+
+AUTHORS = ("Ying, Nan", "Lei, Yanli", "Zhang, Tianyi", "Lyu, Shangqing", "Chen, Sicheng", "Liu, Zeyu", "Feng, Yunlu",
+           "Zhao, Yu", "Zhang, Guanglei")
+
+
+def test_pick_gallery_spreads_over_organs_and_subsets_and_is_seeded() -> None:
+    candidates = [{"subset": f"{organ}-{k}", "organ": organ, "kind": "wsi", "image_id": f"{organ}-{k}-{i}",
+                   "tissue_fraction": 0.9 if i % 2 else 0.1}
+                  for organ, subsets in (("breast", 3), ("lung", 1), ("skin", 2)) for k in range(subsets)
+                  for i in range(50)]
+    picked = pick_gallery(candidates, seed=0, count=8)
+    assert len(picked) == 8
+    assert {r["organ"] for r in picked} == {"breast", "lung", "skin"}
+    assert len({r["subset"] for r in picked}) == 6  # every subset before any repeats
+    assert all(r["tissue_fraction"] >= 0.5 for r in picked)  # mostly-tissue tiles
+    assert pick_gallery(candidates, seed=0, count=8) == picked
+    assert pick_gallery(candidates, seed=1, count=8) != picked
+    assert len(pick_gallery(candidates[:3], seed=0, count=8)) == 3  # fewer candidates than asked: all of them
+
+
+def test_tissue_crop_is_centred_on_tissue() -> None:
+    pixels = np.full((1000, 1000, 3), 240, np.uint8)
+    pixels[700:900, 50:250] = (150, 60, 120)  # tissue in the lower-left corner
+    crop = np.asarray(tissue_crop(Image.fromarray(pixels), 400))
+    assert crop.shape == (400, 400, 3)
+    assert (crop.mean(axis=2) < 200).mean() > 0.2  # the tissue is inside the crop (a centre crop would miss it)
+    assert tissue_crop(Image.fromarray(pixels), 2000).size == (1000, 1000)
+
+
+def test_demo_card_gallery_citation_and_differences(demo_build: Path) -> None:
+    text = (demo_build / "dataset" / "README.md").read_text()
+    for author in AUTHORS:
+        assert author in text
+    assert "10.1016/j.bspc.2025.108148" in text and "https://github.com/zhanglab2021/CPIA_Dataset" in text
+    assert "### Differences from the original release" in text and "border tiles" in text
+    gallery = text.split("## Gallery", 1)[1].split("## How the data was made", 1)[0]
+    m_captions = gallery.split("**M**", 1)[1].split("**S**", 1)[0]
+    assert len({s for s in ("demo-breast-wsi", "demo-colon-wsi", "demo-lung-roi") if s in m_captions}) >= 2
+    assert "480 px crop" in gallery  # L tiles shown as crops
+    assert "set_transform" in text and "mix image sizes" in text
+
+
+def test_finalized_card_has_no_placeholder(demo_build: Path, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "dataset"
+    shutil.copytree(demo_build / "dataset", folder, ignore=shutil.ignore_patterns(".work"))
+    assert REPO_PLACEHOLDER in (folder / "README.md").read_text()
+    licences = subset_licences(folder)
+    assert licences == {s: "CC-BY-4.0" for s in ("demo-breast-wsi", "demo-colon-wsi", "demo-lung-roi",
+                                                  "demo-blood-roi")}
+    finalize_card(folder, "someone/CPIA", licences, {})
+    text = (folder / "README.md").read_text()
+    assert REPO_PLACEHOLDER not in text and 'load_dataset("someone/CPIA", "mini"' in text
+    metadata, _ = split_card(text)
+    assert metadata["license"] == "cc-by-4.0" and "extra_gated_prompt" not in metadata
+    assert [c["config_name"] for c in metadata["configs"]][0] == "full"
