@@ -34,6 +34,7 @@ GALLERY_TILE = 256  # px per gallery tile
 GALLERY_CROP = {"XL": 960, "L": 480}  # XL/L tiles are shown as a tissue-centred crop of this side (detail visible)
 REPO_PLACEHOLDER = "<this repo>"  # in a card written without a repo id; `cpia push` fills it in
 LICENCE_FILE = "LICENSES.md"
+STATS_FILE = "stats.json"  # rows per (subset, organ, kind, scale) of every declared config
 LICENCE_KEYS = ("license", "license_name", "license_link", "extra_gated_prompt", "extra_gated_fields")
 PAPER_URL = "https://doi.org/10.1016/j.bspc.2025.108148"
 PREPRINT_URL = "https://arxiv.org/abs/2310.17902"
@@ -210,14 +211,13 @@ def write_dataset_card(
     """Write README.md (YAML configs + dataset_info + statistics) and its PNG assets into `out_dir`."""
     main = "full" if "full" in configs else configs[0]
     main_files = shard_files(out_dir, config_globs((main,), [])[main])
-    counts = {main: read_counts(main_files)}
+    counts = {main: read_counts(main_files)}  # stats.json: every declared config's rows per subset/organ/kind/scale
     present = {subset for (subset, *_rest) in counts[main]}
     present_entries = [e for e in entries if e.name in present]
     globs = {name: g for name, g in config_globs(configs, present_entries).items() if g and shard_files(out_dir, g)}
     infos = {name: split_info(shard_files(out_dir, g)) for name, g in globs.items()}
-    for config in configs:
-        if config not in counts and config in globs:
-            counts[config] = read_counts(shard_files(out_dir, globs[config]))
+    per_file = {path: read_counts([path]) for g in globs.values() for path in shard_files(out_dir, g)}
+    counts.update({name: sum((per_file[p] for p in shard_files(out_dir, g)), Counter()) for name, g in globs.items()})
     organ_chart(counts[main], out_dir / "assets" / "organ_composition.png")
     candidates = gallery_candidates(main_files)
     galleries = {}
@@ -268,7 +268,7 @@ def write_dataset_card(
     )
     path = out_dir / "README.md"
     write_atomic(path, _card_text(metadata, body).encode())
-    write_atomic(out_dir / "stats.json", json.dumps(
+    write_atomic(out_dir / STATS_FILE, json.dumps(
         {c: [[*k, n] for k, n in sorted(counts[c].items())] for c in counts}, indent=0).encode())
     return path
 
@@ -282,6 +282,33 @@ class _PlainDumper(yaml.SafeDumper):
 
 def _size_category(n: int) -> str:
     return next((label for bound, label in SIZE_CATEGORIES if n < bound), "n>1B")
+
+
+def config_subsets(data: str, config: str) -> list[str] | None:
+    """Subsets of a config of a CPIA dataset (folder or Hub id), from its stats.json; None when unknown."""
+    path = Path(data) / STATS_FILE
+    if not path.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(data, STATS_FILE, repo_type="dataset"))
+        except Exception:  # not a CPIA dataset, offline, or no such repo: nothing to record
+            return None
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return sorted({row[0] for row in stats[config]}) if config in stats else None
+
+
+def pretraining_record(data: str, config: str) -> dict | None:
+    """What a model card records of a run trained on `config` of `data`: {dataset, config, subsets}; None when
+    the data is not a CPIA dataset (no stats.json)."""
+    subsets = config_subsets(data, config)
+    if subsets is None:
+        return None
+    name = data if not Path(data).exists() else Path(data).name
+    return {"dataset": name, "config": config, "subsets": subsets}
 
 
 def subset_licences(out_dir: Path) -> dict[str, str]:

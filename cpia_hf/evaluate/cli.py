@@ -16,6 +16,7 @@ from accelerate import Accelerator
 
 from .data import LabelledData, load_labelled_data
 from .features import encoder_fingerprint, extract_features
+from .leakage import note_leakage
 from .metrics import (
     METRIC_NAMES,
     METRIC_TITLES,
@@ -137,6 +138,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 print(f"cpia eval: error: results written to {args.out}, but not to the card: {error}",
                       file=sys.stderr)
                 return 2
+        note_leakage(args.model, args.data, args.dataset_name, args.out, args.card)  # pre-training held the benchmark?
     return 0
 
 

@@ -76,6 +76,9 @@ class ModelCardContext:
     final_loss: float | None = None
     steps_done: int | None = None  # set in a checkpoint's copy
     evaluation: list[dict[str, Any]] = field(default_factory=list)  # task, dataset, metric, value[, split, protocol]
+    # pre-training data {dataset, config, subsets} (cpia_hf.dataset.card.pretraining_record), card metadata
+    # `cpia_pretraining`: `cpia eval` warns when the evaluated benchmark's source is among the subsets
+    pretraining: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,6 +218,7 @@ def card_data(context: ModelCardContext) -> ModelCardData:
         base_model=context.base_model,
         model_name=context.model_name,
         eval_results=eval_results(context.model_name, context.evaluation) if context.evaluation else None,
+        cpia_pretraining=context.pretraining,
     )
 
 

@@ -12,6 +12,7 @@ import timm
 import yaml
 from accelerate import PartialState
 
+from ..dataset.card import pretraining_record
 from ..hub import push_folder
 from ..model.backbone import load_backbone_from_checkpoint
 from ..model.card import ModelCardContext
@@ -233,6 +234,7 @@ def publish_run(cfg: TrainConfig, card_context: ModelCardContext) -> Path:
     backbone = load_backbone_from_checkpoint(cfg.out)
     model_name = cfg.model_name or (cfg.push_to_hub.split("/")[-1] if cfg.push_to_hub else
                                     f"{backbone.pretrained_cfg['architecture']}.cpia_{cfg.method}_{cfg.config}")
+    card_context = replace(card_context, pretraining=pretraining_record(cfg.data, cfg.config))  # subsets on the card
     hub_context = replace(card_context, repo_id=cfg.push_to_hub) if cfg.push_to_hub else card_context
     model_dir = Path(cfg.out) / HUB_FOLDER
     if not cfg.dataset_id and Path(cfg.data).exists():
