@@ -61,7 +61,7 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=sorted(METHODS), help="required here or in the recipe")
     parser.add_argument("--data", help="dataset folder or Hub id (required here or in the recipe)")
     parser.add_argument("--dataset-id", help="Hub id of the data for the model card (default: --data when it is one)")
-    parser.add_argument("--config", help="dataset config (mini, mini_M, L, M, S, full, ...) [mini]")
+    parser.add_argument("--config", help="dataset config (mini, mini_clean, XL, L, M, S, full, full_clean) [mini]")
     parser.add_argument("--out", help="output folder: checkpoints, log, encoder, Hub folders (required here or in the recipe)")
     parser.add_argument("--scales", nargs="*", help="keep only these scales (XL L M S)")
     parser.add_argument("--organs", nargs="*", help="keep only these organs")
