@@ -144,4 +144,5 @@ def test_train_push_to_hub_uploads_the_exported_model(fake_hub, demo_build, tmp_
     local = {p.relative_to(model).as_posix(): p.read_bytes() for p in model.rglob("*") if p.is_file()}
     assert fake_hub.received_files("model", "someone/cpia-demo") == local
     assert 'timm.create_model("hf-hub:someone/cpia-demo"' in local["README.md"].decode()
+    assert "cpia_pretraining:" in local["README.md"].decode()  # config and subsets, for cpia eval's leakage check
     assert fake_hub.token.encode() not in b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())

@@ -162,3 +162,15 @@ def test_mixed_mini_is_reproducible_and_resumes(tmp_path) -> None:
     assert order != base and sorted(sum(order, [])) == sorted(sum(base, []))  # another seed, same rows
     (tmp_path / "a" / "mini" / sorted(first)[0]).unlink()  # a lost shard is rebuilt
     assert build(tmp_path / "a", 0) == first
+
+
+def test_mixed_mini_removes_shards_of_an_older_layout(tmp_path) -> None:
+    from cpia_hf.dataset.mini import pack_mixed
+
+    groups = _per_subset_files(tmp_path / "subsets")
+    old = tmp_path / "mini" / "L" / "big" / "big-00000.parquet"  # per-subset mini of the earlier layout
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"old")
+    pack_mixed(groups, tmp_path / "mini", tmp_path / "work", seed=0, key="k", shard_bytes=10**9)
+    assert sorted(p.relative_to(tmp_path / "mini").as_posix() for p in (tmp_path / "mini").rglob("*")) == [
+        "mini-00000-clean.parquet", "mini-00001-benchmark.parquet"]

@@ -179,14 +179,14 @@ def mix_group_of(entry: CatalogEntry) -> str:
 
 def row_ranks(files: list[Path], seed: int) -> list[list[int]]:
     """Per file, the global rank of each row in the seeded shuffle of all rows of `files`."""
-    keys = []
+    keys = []  # (key, file, row): ties (practically none) fall back to the stable input order
     for index, path in enumerate(files):
         table = pq.read_table(path, columns=MIX_KEY_COLUMNS)
         for row, parts in enumerate(zip(*(table.column(c).to_pylist() for c in MIX_KEY_COLUMNS))):
-            keys.append((stable_unit_float(seed, "mini-mix", *parts), parts, index, row))
+            keys.append((stable_unit_float(seed, "mini-mix", *parts), index, row))
     keys.sort()
     ranks = [[0] * pq.ParquetFile(path).metadata.num_rows for path in files]
-    for rank, (_, _, index, row) in enumerate(keys):
+    for rank, (_, index, row) in enumerate(keys):
         ranks[index][row] = rank
     return ranks
 
@@ -261,9 +261,12 @@ def pack_mixed(groups: dict[str, list[Path]], mini_dir: Path, work_dir: Path, se
         target = mini_dir / f"mini-{index:05d}-{group}.parquet"
         os.replace(mixed[group][k], target)
         final.append(target.name)
-    for stale in mini_dir.glob("*.parquet*"):
-        if stale.name not in final:
+    for stale in sorted(mini_dir.rglob("*.parquet*")):  # earlier mixes, and per-subset folders of older layouts
+        if stale.parent != mini_dir or stale.name not in final:
             stale.unlink()
+    for folder in sorted((p for p in mini_dir.rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
     shutil.rmtree(tmp_dir)
     rows = sum(pq.ParquetFile(mini_dir / name).metadata.num_rows for name in final)
     write_atomic(record_path, json.dumps({"key": key, "files": final, "rows": rows}, indent=1).encode())

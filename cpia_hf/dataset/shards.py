@@ -108,6 +108,7 @@ def pack_subset(
     `key` identifies the inputs (unit fingerprints and selection); when the pack record under
     `record_dir` holds the same key and the shards are in place, nothing is rewritten.
     """
+    key = pack_key(key, FOLDER_OF_SCALE)  # a change of folder layout repacks (and removes the old files)
     record_path = record_dir / f"{slug}.json"
     record = read_record(record_path)
     if record and record.get("key") == key and all((config_dir / f).exists() for f in record["files"]):
