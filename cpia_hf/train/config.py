@@ -18,7 +18,7 @@ class TrainConfig:
     method: Method  # pre-training objective
     data: str  # CPIA dataset folder or Hub id
     out: str  # output folder: checkpoints, log, encoder, exported model
-    config: str = "mini"  # dataset config (mini, mini_M, L, M, S, full, ...)
+    config: str = "mini"  # dataset config (mini, mini_clean, XL, L, M, S, full, full_clean)
     dataset_id: str | None = None  # Hub id of the data for the model card (default: `data` when it is one)
     model: str = "vit_small_patch16_224"  # timm ViT architecture
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (depth, embed_dim, ...)
