@@ -32,6 +32,7 @@ POLICIES: dict[str, LicencePolicy] = {
         "TCGA images (NCI Genomic Data Commons, open access): do not attempt to identify any participant, "
         "and acknowledge TCGA and the GDC in publications."),
     "PAIP data use agreement": LicencePolicy(False, None, "https://paip2019.grand-challenge.org/"),
+    "MHIST dataset research use agreement": LicencePolicy(False, None, "https://bmirds.github.io/MHIST/"),
 }
 RESTRICTED = LicencePolicy(False)
 
