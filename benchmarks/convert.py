@@ -132,7 +132,9 @@ def compare_filters(path: Path, scale: float) -> list[tuple[str, str]]:
     side = 3840
     with tifffile.TiffFile(path) as tif:
         level0 = tif.pages[0]
-        top, left = level0.imagelength // 3 // 256 * 256, level0.imagewidth // 3 // 256 * 256
+        need = math.ceil(side * scale)
+        top = max(0, min(level0.imagelength // 3, level0.imagelength - need)) // 256 * 256
+        left = max(0, min(level0.imagewidth // 3, level0.imagewidth - need)) // 256 * 256
         source = level0.asarray()[top:top + math.ceil(side * scale), left:left + math.ceil(side * scale)]
     image = Image.fromarray(source).convert("RGBX")
     box = (0.0, 0.0, side * scale, side * scale)

@@ -172,16 +172,6 @@ def test_rerun_after_success_changes_nothing(demo_build: Path) -> None:
     assert tree_digest(dataset) == before
 
 
-def test_unit_shards_then_pack_equals_clean_run(demo_build: Path, tmp_path: Path) -> None:
-    entries = load_catalog(demo_build / "sources" / "catalog.yaml")
-    out = tmp_path / "dataset"
-    slices = [convert(entries, demo_build / "sources", out, unit_shard=(i, 2), progress=False) for i in range(2)]
-    assert sum(r.units for r in slices) == 5 and not (out / "data").exists()
-    report = convert(entries, demo_build / "sources", out, progress=False)
-    assert report.skipped_units == report.units == 5
-    assert tree_digest(out) == tree_digest(demo_build / "dataset")
-
-
 def test_kill_then_rerun_equals_clean_run(demo_build: Path, tmp_path: Path) -> None:
     out = tmp_path / "dataset"
     command = [sys.executable, "-m", "cpia_hf.cli", "convert", "--catalog", str(demo_build / "sources" / "catalog.yaml"),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..hub import DATASET_IGNORE_PATTERNS, push_folder
 from .catalog import CatalogError, default_catalog_path, load_catalog
+from .cluster import ClusterError
 from .convert import convert, print_report, select_entries
 from .mini import DEFAULT_MINI_FRACTION
 from .units import ConvertOptions
@@ -18,7 +19,11 @@ def configure_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to write (Hub layout)")
     parser.add_argument("--configs", default="full,mini", help="comma-separated: full, mini (default: both)")
     parser.add_argument("--subsets", default=None, help="comma-separated catalog names to convert (default: all)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (one unit each)")
+    parser.add_argument("--workers", type=int, default=1, help="local worker processes (one unit each)")
+    parser.add_argument("--scheduler", default=None, metavar="tcp://HOST:8786|auto",
+                        help="run units and packing on this Dask cluster (auto: $DASK_SCHEDULER_ADDRESS) instead of "
+                             "local processes; --source-root and --out must be shared by all workers "
+                             "(see docs/cluster.md; memory per worker: dask worker --memory-limit)")
     parser.add_argument("--jpeg-quality", type=int, default=ConvertOptions.jpeg_quality)
     parser.add_argument("--tissue-rule", choices=("release", "mask"), default=ConvertOptions.tissue_rule)
     parser.add_argument("--min-tissue-fraction", type=float, default=ConvertOptions.min_tissue_fraction,
@@ -28,16 +33,7 @@ def configure_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mini-fraction", type=float, default=DEFAULT_MINI_FRACTION,
                         help="share of WSI grid cells taken into mini")
     parser.add_argument("--seed", type=int, default=ConvertOptions.seed)
-    parser.add_argument("--unit-shard", type=_unit_shard, default=None, metavar="I/N",
-                        help="convert only slice I of N of the units and do not pack (cluster runs)")
     parser.add_argument("--no-progress", action="store_true")
-
-
-def _unit_shard(text: str) -> tuple[int, int]:
-    index, _, count = text.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
-    return int(index), int(count)
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
@@ -61,17 +57,21 @@ def run_convert(args: argparse.Namespace) -> int:
     if not args.source_root.is_dir():
         print(f"error: source root {args.source_root} is not a folder", file=sys.stderr)
         return 2
-    report = convert(
-        select_entries(entries, args.subsets),
-        args.source_root,
-        args.out,
-        configs=[c.strip() for c in args.configs.split(",") if c.strip()],
-        workers=args.workers,
-        options=options_from_args(args),
-        mini_fraction=args.mini_fraction,
-        progress=not args.no_progress,
-        unit_shard=args.unit_shard,
-    )
+    try:
+        report = convert(
+            select_entries(entries, args.subsets),
+            args.source_root,
+            args.out,
+            configs=[c.strip() for c in args.configs.split(",") if c.strip()],
+            workers=args.workers,
+            options=options_from_args(args),
+            mini_fraction=args.mini_fraction,
+            progress=not args.no_progress,
+            scheduler=args.scheduler,
+        )
+    except ClusterError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return print_report(report, args.out)
 
 

@@ -10,7 +10,6 @@ from typing import Callable, Iterable
 
 from tqdm.auto import tqdm
 
-from ..standard import stable_unit_float
 from .catalog import CatalogEntry, subset_slug
 from .mini import (
     DEFAULT_MINI_FRACTION,
@@ -54,17 +53,19 @@ def convert(
     mini_fraction: float = DEFAULT_MINI_FRACTION,
     card: bool = True,
     progress: bool = True,
-    unit_shard: tuple[int, int] | None = None,
+    scheduler: str | None = None,
 ) -> ConvertReport:
     """Build (or resume) a CPIA dataset folder in `out_dir` from the sources of `entries`.
 
-    `unit_shard=(i, n)` converts only the i-th of n stable slices of the units and stops before
-    packing: n machines sharing `out_dir` convert in parallel, then one plain run packs.
+    `scheduler` (a Dask scheduler address, or "auto" for DASK_SCHEDULER_ADDRESS) runs the units and
+    the packing as tasks of that Dask cluster instead of `workers` local processes (see cluster.py);
+    `source_root` and `out_dir` must then be paths every worker sees.
     """
     configs = tuple(configs)
     unknown = set(configs) - set(CONFIGS)
     if unknown:
         raise ValueError(f"unknown config(s) {sorted(unknown)}; choose from {CONFIGS}")
+    source_root, out_dir = source_root.absolute(), out_dir.absolute()  # tasks may run in another folder
     work_dir = out_dir / ".work"
     report = ConvertReport()
     units: list[Unit] = []
@@ -74,11 +75,8 @@ def convert(
         except FileNotFoundError as error:
             report.missing.append(str(error))
             logger.warning("%s", error)
-    if unit_shard is not None:
-        index, count = unit_shard
-        units = [u for u in units if int(stable_unit_float(u.key) * count) == index]
     report.units = len(units)
-    with _Executor(workers) as executor:
+    with _executor(workers, scheduler) as executor:
         results = executor.map(
             convert_unit, [(u, source_root, work_dir, options) for u in units], "convert units", progress
         )
@@ -87,8 +85,6 @@ def convert(
                 result = UnitResult(unit.key, 0, [{"file": ",".join(unit.files[:1]), "reason": repr(result)}])
             report.skipped_units += result.skipped
             report.failures.extend({"subset": unit.entry.name, **f} for f in result.failures)
-        if unit_shard is not None:
-            return report
         done = {e.name: _unit_files(work_dir, [u for u in units if u.entry is e]) for e in entries}
         if "full" in configs:
             jobs = [
@@ -211,6 +207,15 @@ class _Executor:
         return results
 
 
+def _executor(workers: int, scheduler: str | None):
+    """The local executor, or the Dask one when a scheduler is named (same `map` interface)."""
+    if scheduler is None:
+        return _Executor(workers)
+    from .cluster import DaskExecutor
+
+    return DaskExecutor(scheduler)
+
+
 def _call(fn: Callable, args: tuple):
     try:
         return fn(*args)
@@ -242,5 +247,5 @@ def print_report(report: ConvertReport, out_dir: Path) -> int:
         for failure in report.failures:
             print(f"  [{failure['subset']}] {failure['file']}: {failure['reason']}", file=sys.stderr)
         return 1
-    print(f"dataset written to {out_dir}" if report.rows else "units converted; a run without --unit-shard packs them")
+    print(f"dataset written to {out_dir}")
     return 0

@@ -1,0 +1,120 @@
+"""Benchmark conversion locally and on a Dask cluster on loopback: scaling and scheduler overhead.
+
+    python benchmarks/convert_cluster.py [--slides 8 --width 6144 --height 6144 --mpp 0.25 --out DIR]
+
+Generates a source tree of `--slides` H&E-like SVS slides once (cached in --out), then converts it
+(units and packing, no card) four ways, each into a fresh folder: locally with 1 and 2 processes
+(`--workers`), and through a loopback Dask cluster (`dask scheduler` + `dask worker --nthreads 1`
+processes on 127.0.0.1) with 1 and 2 workers. Prints wall time, units/s, the scaling efficiency of
+2 vs 1 (speed-up / 2) and the scheduler overhead per unit: (cluster wall - local wall) / units at
+the same parallelism. Also checks that all four outputs are byte-identical, and prints the workers'
+peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import multiprocessing
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cpia_hf.dataset.catalog import load_catalog  # noqa: E402
+from cpia_hf.dataset.cluster import loopback_cluster  # noqa: E402
+from cpia_hf.dataset.convert import convert  # noqa: E402
+from cpia_hf.demo.synth import he_like_image, write_slide  # noqa: E402
+
+
+def generate(folder: Path, slides: int, width: int, height: int, mpp: float) -> Path:
+    """The source tree (one WSI subset) and its catalog; reused when present."""
+    catalog = folder / "catalog.yaml"
+    if catalog.exists():
+        return catalog
+    (folder / "wsi").mkdir(parents=True, exist_ok=True)
+    for k in range(slides):
+        write_slide(folder / "wsi" / f"BENCH-{k:04d}.svs", he_like_image(width, height, seed=k, tissue=0.6), mpp,
+                    vendor="aperio", tile=256, quality=90)
+    catalog.write_text(yaml.safe_dump({"version": 1, "entries": [{
+        "name": "bench-wsi", "kind": "wsi", "path": "wsi", "pattern": "*.svs", "organ": "breast",
+        "disease": "unknown", "stain": "H&E", "field": "histopathology", "license": "unknown",
+        "homepage": "unknown", "citation": "unknown"}]}))
+    return catalog
+
+
+def digest(folder: Path) -> str:
+    sha = hashlib.sha256()
+    for path in sorted((folder / "data").rglob("*.parquet")):
+        sha.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    return sha.hexdigest()
+
+
+def timed(sources: Path, out: Path, **kwargs) -> tuple[float, int, str]:
+    entries = load_catalog(sources / "catalog.yaml")
+    start = time.perf_counter()
+    report = convert(entries, sources, out, configs=("full",), card=False, progress=False, **kwargs)
+    wall = time.perf_counter() - start
+    assert report.ok, report.failures
+    return wall, report.units, digest(out)
+
+
+def worker_peak_rss_mb(address: str) -> dict[str, float]:
+    from distributed import Client
+
+    with Client(address, set_as_default=False) as client:
+        peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(sorted(peaks.items()))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slides", type=int, default=8)
+    parser.add_argument("--width", type=int, default=6144)
+    parser.add_argument("--height", type=int, default=6144)
+    parser.add_argument("--mpp", type=float, default=0.25)
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "cpia-hf-cluster-benchmark")
+    args = parser.parse_args()
+
+    sources = args.out / f"sources-{args.slides}x{args.width}x{args.height}-mpp{args.mpp}"
+    start = time.perf_counter()
+    generate(sources, args.slides, args.width, args.height, args.mpp)
+    print(f"sources: {args.slides} slides {args.width}x{args.height} at {args.mpp} um/px in {sources} "
+          f"({time.perf_counter() - start:.1f} s to prepare)")
+    results: dict[tuple[str, int], tuple[float, int, str]] = {}
+    peaks: dict[int, dict[str, float]] = {}
+    for n in (1, 2):
+        out = args.out / f"local-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        results["local", n] = timed(sources, out, workers=n)
+        with loopback_cluster(n) as address:
+            out = args.out / f"dask-{n}"
+            shutil.rmtree(out, ignore_errors=True)
+            results["dask", n] = timed(sources, out, scheduler=address)
+            peaks[n] = worker_peak_rss_mb(address)
+    units = results["local", 1][1]
+    print(f"\n{'run':<22}{'wall s':>9}{'units/s':>10}")
+    for (kind, n), (wall, _, _) in results.items():
+        label = f"local --workers {n}" if kind == "local" else f"dask, {n} worker(s)"
+        print(f"{label:<22}{wall:>9.2f}{units / wall:>10.2f}")
+    for kind in ("local", "dask"):
+        efficiency = results[kind, 1][0] / results[kind, 2][0] / 2
+        print(f"scaling efficiency {kind} (2 vs 1): {efficiency:.2f}")
+    for n in (1, 2):
+        overhead = (results["dask", n][0] - results["local", n][0]) / units
+        print(f"scheduler overhead per unit, {n} worker(s): {overhead * 1000:+.0f} ms")
+    for n, by_worker in peaks.items():
+        print(f"worker peak RSS with {n} worker(s): " + ", ".join(f"{mb:.0f} MB" for mb in by_worker.values()))
+    identical = len({d for _, _, d in results.values()}) == 1
+    print(f"outputs byte-identical: {identical}")
+    print(f"cores: {multiprocessing.cpu_count()} (other processes on the machine slow every figure alike)")
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

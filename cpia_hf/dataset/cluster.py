@@ -1,0 +1,203 @@
+"""Conversion on a Dask distributed cluster: `cpia convert --scheduler tcp://HOST:8786`.
+
+The client (the `cpia convert` process) discovers the units, submits each unit and then each
+subset's packing as a Dask task, shows one progress bar and prints the summary; the workers do
+the work and write to the output folder, which must be a filesystem all workers share (NFS,
+Lustre, GPFS, CephFS...). Tasks carry pure, stable keys (a hash of the function and its
+arguments): a task resubmitted by a rerun, or rerun by the scheduler after its worker was lost,
+is the same task and writes the same atomically renamed files, so nothing is duplicated and the
+output is byte-identical to a local run. A task whose worker dies is rerun elsewhere by the
+scheduler; after `distributed.scheduler.allowed-failures` deaths it is failed (KilledWorker) and
+named in the summary while the rest finishes.
+
+The cluster itself is started by Dask's own launchers (`dask scheduler` + `dask worker`,
+dask-jobqueue, dask-kubernetes): see docs/cluster.md. `loopback_cluster` starts a scheduler and
+workers as separate processes on 127.0.0.1 for the tests and the benchmark.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from tqdm.auto import tqdm
+
+from .. import __version__
+
+logger = logging.getLogger(__name__)
+SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+
+
+class ClusterError(Exception):
+    """The cluster cannot be used (unreachable scheduler, workers with another cpia-hf version)."""
+
+
+class WorkerKilled(Exception):
+    """A task whose workers died every time it ran (out of memory, a crashing decoder)."""
+
+
+def resolve_scheduler(scheduler: str) -> str:
+    """The scheduler address: `auto` reads DASK_SCHEDULER_ADDRESS, anything else is taken as given."""
+    if scheduler != "auto":
+        return scheduler
+    address = os.environ.get(SCHEDULER_ENV, "").strip()
+    if not address:
+        raise ClusterError(f"--scheduler auto needs {SCHEDULER_ENV} (e.g. tcp://host:8786) in the environment")
+    return address
+
+
+def task_key(fn: Callable, args: tuple, desc: str) -> str:
+    """Pure, stable key of `fn(*args)`: equal arguments give the same key in every process and run."""
+    from dask.base import tokenize
+
+    return f"cpia-{desc.replace(' ', '-')}-{tokenize(fn.__module__, fn.__qualname__, args)}"
+
+
+def _run(fn: Callable, args: tuple):
+    """Runs on a worker: a Python error is returned (and logged there), as the local executor does."""
+    try:
+        return fn(*args)
+    except Exception as error:
+        logger.exception("%s failed", fn.__name__)
+        return error
+
+
+def _worker_version() -> str:
+    return __version__
+
+
+def _rows(result) -> int:
+    """Rows a task produced: a unit's row count, or the sum of a packing's rows per folder."""
+    if isinstance(result, dict):
+        return sum(result.values())
+    return getattr(result, "rows", 0) if not getattr(result, "skipped", False) else 0
+
+
+class DaskExecutor:
+    """Runs jobs as tasks of a Dask cluster; same interface as the local executor of `convert`."""
+
+    def __init__(self, scheduler: str):
+        self.address = resolve_scheduler(scheduler)
+        self.client = None
+
+    def __enter__(self) -> "DaskExecutor":
+        from distributed import Client
+
+        try:
+            self.client = Client(self.address, set_as_default=False)  # timeout: distributed.comm.timeouts.connect
+        except (OSError, TimeoutError) as error:
+            raise ClusterError(f"cannot reach the Dask scheduler at {self.address}: {error}") from error
+        try:
+            self._check_workers()
+        except Exception:
+            self.client.close()
+            raise
+        return self
+
+    def _check_workers(self) -> None:
+        versions = self.client.run(_worker_version)
+        other = {worker: v for worker, v in versions.items() if v != __version__}
+        if other:
+            raise ClusterError(f"workers run another cpia-hf version than this client ({__version__}): {other}")
+        if not versions:
+            logger.warning("no worker connected to %s yet: the units wait for one", self.address)
+
+    def __exit__(self, *exc) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def map(self, fn: Callable, arg_tuples: list[tuple], desc: str, progress: bool) -> list:
+        """`fn(*args)` for every tuple on the cluster, in order; a failed task gives its exception."""
+        from distributed import as_completed
+
+        keys = [task_key(fn, args, desc) for args in arg_tuples]
+        futures = self.client.map(_run, [fn] * len(arg_tuples), arg_tuples, key=keys, pure=True)
+        index = {future.key: k for k, future in enumerate(futures)}
+        results: list = [None] * len(futures)
+        failed = rows = 0
+        bar = tqdm(total=len(futures), desc=desc, unit="unit", disable=not progress, file=sys.stderr)
+        for future in as_completed(futures, loop=self.client.loop):
+            result = _outcome(future)
+            results[index[future.key]] = result
+            failed += isinstance(result, BaseException)
+            rows += 0 if isinstance(result, BaseException) else _rows(result)
+            bar.set_postfix(failed=failed, rows=rows, refresh=False)
+            bar.update()
+            future.release()
+        bar.close()
+        return results
+
+
+def _outcome(future):
+    """A finished future's result, or its error (KilledWorker explained).
+
+    `result()` also waits for a task that the scheduler recomputes because the worker holding its
+    result died after it finished.
+    """
+    from distributed.scheduler import KilledWorker
+
+    try:
+        return future.result()
+    except KilledWorker as error:
+        last = getattr(error.last_worker, "address", error.last_worker)
+        return WorkerKilled(f"worker killed {error.allowed_failures + 1} times running it "
+                            f"(distributed.scheduler.allowed-failures = {error.allowed_failures}): probably out of "
+                            f"memory or a crashing decoder; last worker {last}")
+    except Exception as error:  # e.g. a result that cannot be unpickled here
+        return error
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def loopback_cluster(workers: int, *, threads: int = 1, env: dict[str, str] | None = None,
+                     worker_args: tuple[str, ...] = (), log_dir: Path | None = None,
+                     timeout: float = 60) -> Iterator[str]:
+    """A `dask scheduler` and `workers` x `dask worker --nworkers 1` processes on 127.0.0.1 (random free
+    ports); yields the scheduler address and stops every process on exit (SIGTERM, then SIGKILL)."""
+    from distributed import Client
+
+    dask_cli = [str(Path(sys.executable).with_name("dask"))]
+    if not Path(dask_cli[0]).exists():
+        dask_cli = [sys.executable, "-m", "dask"]
+    env = {**os.environ, **(env or {})}
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    processes: list[subprocess.Popen] = []
+
+    def start(args: list[str], name: str) -> None:
+        log = open(log_dir / f"{name}.log", "wb") if log_dir else subprocess.DEVNULL
+        processes.append(subprocess.Popen(dask_cli + args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+
+    try:
+        start(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"], "scheduler")
+        for k in range(workers):
+            start(["worker", address, "--host", "127.0.0.1", "--nworkers", "1", "--nthreads", str(threads),
+                   "--dashboard-address", ":0", "--name", f"w{k}", *worker_args], f"worker{k}")
+        with Client(address, timeout=timeout, set_as_default=False) as client:
+            client.wait_for_workers(workers, timeout=timeout)
+        yield address
+    finally:
+        for process in reversed(processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 15)
+        deadline = time.monotonic() + 10
+        for process in processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, 9)
+                process.wait()
