@@ -1,13 +1,19 @@
 """Benchmark slide conversion against the codec floor.
 
-    python benchmarks/convert.py [--width 16000 --height 12000 --mpp 0.25 --out DIR]
+    python benchmarks/convert.py [--width 16000 --height 12000 --mpp 0.25 0.2527 0.263 --out DIR]
+    python benchmarks/convert.py --slide PATH [--slide PATH ...]
 
-Generates a 40x H&E-like SVS once (256-px JPEG tiles, 4x pyramid; cached in --out), converts it
+For each MPP (default: 0.25, and the Aperio AT2 and GT450 40x MPPs 0.2527 and 0.263) generates a
+40x H&E-like SVS once (256-px JPEG tiles, 4x pyramid; cached in --out), or takes the given slides,
+and converts it
 the way the converter does (`iter_slide_tiles` + `encode_jpeg` at quality 90 for every tile), and
 measures in the same run the codec floor: decoding exactly the source tiles the conversion read
 (as the converter decodes them, shrunk in the DCT domain), resampling those pixels to the standard,
 and the JPEG encoding of the outputs. Also compares the Pillow resampling filters and the
-converter's DCT-scaled decode on one XL cell (speed and PSNR against Lanczos).
+converter's DCT-scaled decode on one XL cell (speed and PSNR against Lanczos). The codec floor is
+given twice: over every source tile the conversion decoded, and over only the source tiles under
+the kept tiles. Finally runs the whole `cpia convert` command on the slide (start-up, unit,
+packing, mini, card) in a child process: wall, CPU and peak RSS.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import argparse
 import math
 import multiprocessing
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +31,7 @@ from pathlib import Path
 import imagecodecs
 import numpy as np
 import tifffile
+import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,7 +84,7 @@ def convert(path: Path) -> dict:
         return read(self, level, x, y, width, height, factor)
 
     wsi._TiffReader.read = recording_read
-    counts, output_pixels, encode_cpu, encoded_bytes = Counter(), 0, 0.0, 0
+    counts, output_pixels, encode_cpu, encoded_bytes, regions = Counter(), 0, 0.0, 0, []
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     try:
         for tile in wsi.iter_slide_tiles(path, slide_stem=path.stem):
@@ -85,9 +93,10 @@ def convert(path: Path) -> dict:
             encode_cpu += time.process_time() - start
             counts[tile.scale] += 1
             output_pixels += tile.side * tile.side
+            regions.append((tile.x, tile.y, tile.width, tile.height))
     finally:
         wsi._TiffReader.read = read
-    return dict(cpu=cpu_seconds() - cpu0, wall=time.perf_counter() - wall0, counts=counts, reads=reads,
+    return dict(cpu=cpu_seconds() - cpu0, wall=time.perf_counter() - wall0, counts=counts, reads=reads, regions=regions,
                 output_pixels=output_pixels, encode_cpu=encode_cpu, encoded_bytes=encoded_bytes)
 
 
@@ -179,28 +188,83 @@ def convert_as_unit(path: Path, work_dir: Path) -> tuple[float, float, int]:
     return time.perf_counter() - wall, cpu_seconds() - cpu, result.rows
 
 
+def kept_tiles(regions: list[tuple[float, float, float, float]], path: Path, scale: float) -> set[tuple[int, int]]:
+    """(level, tile index) of the source tiles under the kept tiles, at the level cells are read from."""
+    _, reader = wsi._open(path, None, "tifffile")
+    try:
+        level = wsi._best_level(reader.level_downsamples, scale)
+        down = reader.level_downsamples[level]
+        reads = [(level, int(x / down), int(y / down), max(1, math.ceil(w / down)), max(1, math.ceil(h / down)))
+                 for x, y, w, h in regions]
+        return touched_tiles(reads, reader.pages)
+    finally:
+        reader.close()
+
+
+def cli_run(path: Path, work: Path) -> dict:
+    """The whole `cpia convert` on the slide in a child process: wall, CPU (user + system) and peak RSS."""
+    sources = work / "sources"
+    (sources / "wsi").mkdir(parents=True, exist_ok=True)
+    link = sources / "wsi" / path.name
+    if not link.exists():
+        link.symlink_to(path.resolve())
+    (sources / "catalog.yaml").write_text(yaml.safe_dump({"version": 1, "entries": [{
+        "name": "benchmark", "kind": "wsi", "path": "wsi", "pattern": path.name, "organ": "breast",
+        "disease": "unknown", "stain": "H&E", "field": "histopathology", "license": "unknown",
+        "homepage": "unknown", "citation": "unknown"}]}))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "cpia_hf.cli", "convert", "--catalog", str(sources / "catalog.yaml"),
+                             "--source-root", str(sources), "--out", str(work / "dataset"), "--no-progress"],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise RuntimeError(f"cpia convert failed on {path}: {result.stderr[-2000:]}")
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return dict(wall=wall, cpu=cpu, peak_rss_mb=after.ru_maxrss / 1024, summary=result.stdout.strip())
+
+
+def prepare(args: argparse.Namespace) -> list[Path]:
+    """The slides to benchmark: --slide paths, else one generated slide per --mpp (cached)."""
+    if args.slide:
+        return args.slide
+    args.out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for mpp in args.mpp:
+        path = args.out / f"he-{args.width}x{args.height}-mpp{mpp}.svs"
+        if not path.exists():
+            start = time.perf_counter()
+            child = multiprocessing.get_context("spawn").Process(target=generate, args=(path, args.width, args.height, mpp))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                raise RuntimeError(f"generating {path} failed")
+            print(f"generated {path} in {time.perf_counter() - start:.1f} s")
+        paths.append(path)
+    return paths
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slide", type=Path, action="append", help="convert this slide (repeatable) instead")
     parser.add_argument("--width", type=int, default=16000)
     parser.add_argument("--height", type=int, default=12000)
-    parser.add_argument("--mpp", type=float, default=0.25)
+    parser.add_argument("--mpp", type=float, nargs="+", default=[0.25, 0.2527, 0.263])
+    parser.add_argument("--no-filters", action="store_true", help="skip the comparison of resampling filters")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "cpia-hf-benchmark")
     args = parser.parse_args()
+    for path in prepare(args):
+        benchmark_slide(path, not args.no_filters)
+    return 0
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"he-{args.width}x{args.height}-mpp{args.mpp}.svs"
-    if not path.exists():
-        start = time.perf_counter()
-        child = multiprocessing.get_context("spawn").Process(
-            target=generate, args=(path, args.width, args.height, args.mpp))
-        child.start()
-        child.join()
-        if child.exitcode != 0:
-            print(f"generating {path} failed", file=sys.stderr)
-            return 1
-        print(f"generated {path} in {time.perf_counter() - start:.1f} s")
+
+def benchmark_slide(path: Path, filters: bool) -> None:
     info = wsi.open_slide_info(path)
     scale = STANDARD_MPP / info.mpp
+    # the child processes of the whole-CLI run below must not count in this process's peak RSS
+    with tempfile.TemporaryDirectory() as work:
+        cli = cli_run(path, Path(work))
 
     run = convert(path)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -210,13 +274,16 @@ def main() -> int:
         touched = touched_tiles(run["reads"], [p for p in tif.pages if p.is_tiled])
     decode_cpu, full_decode_cpu, resize_cpu, source_pixels = codec_floor(path, touched, scale)
     floor = decode_cpu + resize_cpu + run["encode_cpu"]
+    kept = kept_tiles(run["regions"], path, scale)
+    kept_decode, _, kept_resize, _ = codec_floor(path, kept, scale)
+    kept_floor = kept_decode + kept_resize + run["encode_cpu"]
     output_mp = run["output_pixels"] / 1e6
 
     table(f"slide {path.name}: {info.width}x{info.height} px at {info.mpp} um/px, reader {info.reader}, "
           f"standardised {info.std_width}x{info.std_height}", [
               ("tiles per scale", ", ".join(f"{s} {run['counts'][s]}" for s in SCALES)),
               ("output", f"{output_mp:.1f} MP, {run['encoded_bytes'] / 1e6:.1f} MB of JPEG q90"),
-              ("source tiles decoded", f"{len(touched)} ({source_pixels / 1e6:.1f} MP)"),
+              ("source tiles decoded", f"{len(touched)} ({source_pixels / 1e6:.1f} MP); under kept tiles {len(kept)}"),
           ])
     table("converter (iter_slide_tiles + encode_jpeg)", [
         ("wall time", f"{run['wall']:.2f} s"),
@@ -228,15 +295,25 @@ def main() -> int:
         ("wall / CPU time", f"{unit_wall:.2f} s / {unit_cpu:.2f} s for {unit_rows} rows"),
         ("throughput", f"{output_mp / unit_cpu:.1f} output MP per CPU-second"),
     ])
+    table("whole CLI run (cpia convert: start-up, unit, packing full + mini, card)", [
+        ("wall / CPU time", f"{cli['wall']:.2f} s / {cli['cpu']:.2f} s"),
+        ("throughput", f"{output_mp / cli['cpu']:.1f} output MP per CPU-second"),
+        ("peak RSS", f"{cli['peak_rss_mb']:.0f} MB"),
+        ("summary", cli["summary"].replace("\n", "; ")),
+    ])
     table("codec floor (same run)", [
         ("decode touched tiles", f"{decode_cpu:.2f} s (at full size with imagecodecs: {full_decode_cpu:.2f} s)"),
         ("resample to standard", f"{resize_cpu:.2f} s ({wsi.RESAMPLE.name})"),
         ("encode outputs", f"{run['encode_cpu']:.2f} s"),
         ("total", f"{floor:.2f} s = {output_mp / floor:.1f} output MP per CPU-second"),
         ("converter / floor", f"{run['cpu'] / floor:.2f}"),
+        ("floor of kept tiles only", f"{kept_floor:.2f} s = {output_mp / kept_floor:.1f} output MP per CPU-second "
+                                     f"(decode {kept_decode:.2f} s, resample {kept_resize:.2f} s)"),
+        ("converter / kept floor", f"{run['cpu'] / kept_floor:.2f}; whole CLI run / kept floor "
+                                   f"{cli['cpu'] / kept_floor:.2f}"),
     ])
-    table("resampling filters on one XL cell", compare_filters(path, scale))
-    return 0
+    if filters:
+        table("resampling filters on one XL cell", compare_filters(path, scale))
 
 
 if __name__ == "__main__":

@@ -33,8 +33,12 @@ from .tissue import TissueRule, keeps_tile, release_surely_drops_xl, tissue_mask
 # Pillow's antialiased bilinear (tent) filter for the remaining factor. On H&E at 0.25 -> 0.4942
 # um/px this is ~45 dB PSNR from a direct Lanczos resize (as close as k x k average + bilinear),
 # at a fifth of its cost; `python benchmarks/convert.py` prints the comparison.
+# The shrink k is taken when the factor is >= k / 1.1, so that every usual 40x MPP (0.22-0.2718,
+# e.g. Aperio AT2 0.2527, GT450 0.263) is decoded at half size in the DCT domain and then enlarged
+# by at most 10 %: measured at 0.2527 um/px, 45.1 dB from Lanczos (49.2 dB decoding at full size)
+# for 2.5x less resampling and decoding work (26 -> 42 output MP per CPU-second).
 RESAMPLE = Image.Resampling.BILINEAR
-PRE_REDUCE_SLACK = 0.02  # pre-reduce by k when the factor is >= k / 1.02 (at most 2% upsampling after)
+PRE_REDUCE_SLACK = 0.1  # pre-reduce by k when the factor is >= k / 1.1 (at most 10% upsampling after)
 FILTER_SUPPORT = {
     Image.Resampling.BOX: 0.5, Image.Resampling.BILINEAR: 1.0, Image.Resampling.HAMMING: 1.0,
     Image.Resampling.BICUBIC: 2.0, Image.Resampling.LANCZOS: 3.0,
