@@ -73,10 +73,10 @@ def _worker_version() -> str:
 
 
 def _rows(result) -> int:
-    """Rows a task produced: a unit's row count, or the sum of a packing's rows per folder."""
+    """Rows of a task's output: a unit's row count (done now or before), or a packing's rows over its folders."""
     if isinstance(result, dict):
         return sum(result.values())
-    return getattr(result, "rows", 0) if not getattr(result, "skipped", False) else 0
+    return getattr(result, "rows", 0)
 
 
 class DaskExecutor:
