@@ -212,17 +212,22 @@ def cli_run(path: Path, work: Path) -> dict:
         "name": "benchmark", "kind": "wsi", "path": "wsi", "pattern": path.name, "organ": "breast",
         "disease": "unknown", "stain": "H&E", "field": "histopathology", "license": "unknown",
         "homepage": "unknown", "citation": "unknown"}]}))
+    rss_file = work / "peak_rss_kb"
+    # the child writes its own peak RSS: this process's RUSAGE_CHILDREN peak also covers earlier children
+    wrapper = ("import atexit, resource, sys; out = sys.argv.pop(1); atexit.register(lambda: open(out, 'w').write("
+               "str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))); "
+               "from cpia_hf.cli import main; sys.exit(main())")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "cpia_hf.cli", "convert", "--catalog", str(sources / "catalog.yaml"),
-                             "--source-root", str(sources), "--out", str(work / "dataset"), "--no-progress"],
-                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", wrapper, str(rss_file), "convert", "--catalog",
+                             str(sources / "catalog.yaml"), "--source-root", str(sources), "--out", str(work / "dataset"),
+                             "--no-progress"], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise RuntimeError(f"cpia convert failed on {path}: {result.stderr[-2000:]}")
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return dict(wall=wall, cpu=cpu, peak_rss_mb=after.ru_maxrss / 1024, summary=result.stdout.strip())
+    return dict(wall=wall, cpu=cpu, peak_rss_mb=int(rss_file.read_text()) / 1024, summary=result.stdout.strip())
 
 
 def prepare(args: argparse.Namespace) -> list[Path]:

@@ -6,6 +6,7 @@ a unit whose file name contains "poison" kills its worker; every unit waits a mo
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -20,11 +21,19 @@ from distributed import Client
 
 from cpia_hf.dataset.cluster import ClusterError, loopback_cluster, resolve_scheduler, task_key
 from cpia_hf.dataset.units import convert_unit
-from tests.test_convert import tree_digest
 
 PRELOAD = Path(__file__).with_name("cluster_preload.py")
 ROOT = Path(__file__).resolve().parents[1]
 UNIT_DELAY_S = 0.5
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Hashes of every published file (the `.work` cache aside)."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and ".work" not in p.parts
+    }
 
 
 @pytest.fixture(scope="module")
