@@ -1,8 +1,9 @@
-"""The CPIA standard: physical scale, the nested multi-scale grid, the naming rule and blank rules.
+"""The CPIA standard: physical scale, the nested multi-scale grid and the naming rule.
 
 Every number here is the released processing's (see the dataset card): WSIs are resampled to
 0.4942 um/px, XL tiles of 3840 px are cut into 4x4 L tiles (960 px) and 10x10 M tiles (384 px),
-and each M tile into 4x4 S tiles (96 px).
+and each M tile into 4x4 S tiles (96 px). The release's tissue (blank-tile) rule and its thresholds
+live with the other tissue rules in `cpia_hf.dataset.tissue`.
 """
 from __future__ import annotations
 
@@ -19,24 +20,10 @@ RELEASE_FOLDERS = {"L": ("XL", "L"), "M": ("M",), "S": ("S",)}
 ROI_SIDE = 384
 MINI_SIDE = 384
 
-# Release blank-tile rule thresholds on a tile's mean colour.
-WHITE_LEVEL = 220
-
 
 def tile_name(slide_stem: str, side: int, x_index: int, y_index: int) -> str:
     """Release naming rule: `<slide>-<side>-<x>-<y>`, top-left corner at (side*x, side*y)."""
     return f"{slide_stem}-{side}-{x_index}-{y_index}"
-
-
-def release_keeps_xl(mean_rgb: tuple[float, float, float]) -> bool:
-    """The release keeps an XL tile when its mean colour looks like stained tissue."""
-    r, g, b = mean_rgb
-    return r < WHITE_LEVEL and g < WHITE_LEVEL and b < WHITE_LEVEL and r > 100 and b > 30 and r > g + 20
-
-
-def release_is_blank(mean_rgb: tuple[float, float, float]) -> bool:
-    """The release drops an L/M/S tile only when all three mean channels are above 220."""
-    return all(c > WHITE_LEVEL for c in mean_rgb)
 
 
 def stable_unit_float(*parts: object) -> float:

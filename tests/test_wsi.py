@@ -14,9 +14,17 @@ from PIL import Image
 from cpia_hf.dataset import slides as wsi
 from cpia_hf.dataset.imageio import encode_jpeg
 from cpia_hf.dataset.slides import SlideError, iter_slide_tiles, open_slide_info
-from cpia_hf.dataset.tissue import RELEASE_MARGIN, TissueRule, otsu_threshold, release_surely_drops_xl, tissue_mask
+from cpia_hf.dataset.tissue import (
+    RELEASE_MARGIN,
+    TissueRule,
+    otsu_threshold,
+    release_is_blank,
+    release_keeps_xl,
+    release_surely_drops_xl,
+    tissue_mask,
+)
 from cpia_hf.demo.synth import he_like_image, write_slide
-from cpia_hf.standard import SCALE_SIDES, STANDARD_MPP, release_is_blank, release_keeps_xl, tile_name
+from cpia_hf.standard import SCALE_SIDES, STANDARD_MPP, tile_name
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

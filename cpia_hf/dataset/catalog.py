@@ -77,9 +77,14 @@ class CatalogEntry:
         return {key: value for key, value in values.items() if value is not None and value not in ({}, [])}
 
 
+def folder_safe(text: str) -> str:
+    """Folder-safe form of a text: keep [A-Za-z0-9._-], replace every other run with `_`."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
 def subset_slug(name: str) -> str:
-    """Folder-safe form of a subset name: keep [A-Za-z0-9._-], replace every other run with `_`."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    """Folder name of a subset (`folder_safe` of its name)."""
+    return folder_safe(name)
 
 
 def default_catalog_path() -> Path:

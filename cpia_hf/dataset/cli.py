@@ -10,6 +10,7 @@ from .catalog import CatalogError, default_catalog_path, load_catalog
 from .cluster import ClusterError
 from .convert import convert, print_report, select_entries
 from .mini import DEFAULT_MINI_FRACTION
+from .tissue import RULES
 from .units import ConvertOptions
 
 
@@ -25,7 +26,7 @@ def configure_convert(parser: argparse.ArgumentParser) -> None:
                              "local processes; --source-root and --out must be shared by all workers "
                              "(see docs/cluster.md; memory per worker: dask worker --memory-limit)")
     parser.add_argument("--jpeg-quality", type=int, default=ConvertOptions.jpeg_quality)
-    parser.add_argument("--tissue-rule", choices=("release", "mask"), default=ConvertOptions.tissue_rule)
+    parser.add_argument("--tissue-rule", choices=RULES, default=ConvertOptions.tissue_rule)
     parser.add_argument("--min-tissue-fraction", type=float, default=ConvertOptions.min_tissue_fraction,
                         help="mask rule: keep a tile when this fraction of it is tissue")
     parser.add_argument("--s-per-m", type=int, default=ConvertOptions.s_per_m, choices=(1, 16),

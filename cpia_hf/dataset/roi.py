@@ -24,12 +24,12 @@ class RoiError(Exception):
 
 @dataclass
 class RoiImage:
+    """An ROI at the standard size and the centred square of the source it shows."""
+
     pixels: np.ndarray  # ROI_SIDE x ROI_SIDE x 3 uint8
     x: float  # the centred square, in source pixels
     y: float
     side: float
-    source_width: int
-    source_height: int
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -53,8 +53,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def convert_roi(path: Path, *, side: int = ROI_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS) -> RoiImage:
-    """Read an ROI image, crop the largest centred square and resize it to `side` x `side`."""
+def convert_roi(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> RoiImage:
+    """Read an ROI image, crop the largest centred square and resize it to ROI_SIDE x ROI_SIDE."""
+    side = ROI_SIDE
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
@@ -81,4 +82,4 @@ def convert_roi(path: Path, *, side: int = ROI_SIDE, max_pixels: int = DEFAULT_M
     box = (x0 / scale, y0 / scale, (x0 + square) / scale, (y0 + square) / scale)
     rgb = to_rgb(image)
     resized = rgb.resize((side, side), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
-    return RoiImage(np.asarray(resized), x0, y0, float(square), width, height)
+    return RoiImage(np.asarray(resized), x0, y0, float(square))

@@ -26,7 +26,7 @@ from datasets.arrow_writer import ParquetWriter
 
 from ..schema import COLUMNS, FEATURES
 from ..standard import FOLDER_OF_SCALE
-from .units import ROW_GROUP_BYTES, read_record, write_atomic
+from .units import RowGroupBytes, read_record, write_atomic
 
 SHARD_BYTES = 500 * 1000 * 1000
 
@@ -58,13 +58,14 @@ class _ShardSeries:
         self._shard_bytes = 0
         self._pending: list[pa.Table] = []
         self._pending_bytes = 0
+        self._groups = RowGroupBytes()
 
     def add(self, table: pa.Table) -> None:
         sizes = pc.binary_length(table.column("image").combine_chunks().field("bytes")).to_pylist()
         start = 0
         for end, size in enumerate(sizes, start=1):
             self._pending_bytes += size
-            if self._pending_bytes >= ROW_GROUP_BYTES:
+            if self._groups.add(size):
                 self._pending.append(table.slice(start, end - start))
                 start = end
                 self._flush()

@@ -19,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal, get_args
 
 import numpy as np
 import openslide
@@ -43,11 +43,12 @@ FILTER_SUPPORT = {
     Image.Resampling.BOX: 0.5, Image.Resampling.BILINEAR: 1.0, Image.Resampling.HAMMING: 1.0,
     Image.Resampling.BICUBIC: 2.0, Image.Resampling.LANCZOS: 3.0,
 }
-XL_SIDE, L_SIDE, M_SIDE, S_SIDE = (SCALE_SIDES[s] for s in ("XL", "L", "M", "S"))
+XL_SIDE, M_SIDE, S_SIDE = (SCALE_SIDES[s] for s in ("XL", "M", "S"))
 MASK_PX = 16  # standardised pixels per tissue-mask pixel; every tile side is a multiple of it
 BAND_SOURCE_PIXELS = 2**24  # source pixels read per band (64 MB as RGBX): memory stays bounded
 FAST_PATH_VENDORS = ("aperio", "generic-tiff")
 JPEG, RGB, YCBCR = 7, 2, 6  # TIFF Compression and PhotometricInterpretation values
+ReaderName = Literal["auto", "tifffile", "openslide"]  # "auto": the tifffile fast path where it serves
 
 
 class SlideError(Exception):
@@ -86,7 +87,7 @@ class SlideInfo:
     mpp: float
     std_width: int
     std_height: int
-    reader: str
+    reader: Literal["tifffile", "openslide"]
 
 
 class _OpenSlideReader:
@@ -245,10 +246,10 @@ def _slide_mpp(path: Path, slide: openslide.OpenSlide, mpp_override: float | Non
     return mpp
 
 
-def _open(path: Path, mpp_override: float | None, reader: str) -> tuple[SlideInfo, _OpenSlideReader | _TiffReader]:
+def _open(path: Path, mpp_override: float | None, reader: ReaderName) -> tuple[SlideInfo, _OpenSlideReader | _TiffReader]:
     """Open a slide with the fastest reader that serves it (`reader`: "auto", "tifffile", "openslide")."""
     path = Path(path)
-    if reader not in ("auto", "tifffile", "openslide"):
+    if reader not in get_args(ReaderName):
         raise ValueError(f"unknown reader {reader!r}")
     try:
         slide = openslide.OpenSlide(path)
@@ -276,7 +277,7 @@ def _open(path: Path, mpp_override: float | None, reader: str) -> tuple[SlideInf
     return info, fast if fast is not None else _OpenSlideReader(path, slide)
 
 
-def open_slide_info(path: Path, mpp_override: float | None = None, *, reader: str = "auto") -> SlideInfo:
+def open_slide_info(path: Path, mpp_override: float | None = None, *, reader: ReaderName = "auto") -> SlideInfo:
     """Size, MPP and standardised size of a slide; SlideError when it cannot be converted.
 
     `mpp_override` (the catalog's MPP) takes precedence over the slide's metadata.
@@ -401,7 +402,7 @@ def iter_slide_tiles(
     s_per_m: int = 1,
     seed: int = 0,
     on_cell_error: Callable[[str], None] | None = None,
-    reader: str = "auto",
+    reader: ReaderName = "auto",
 ) -> Iterator[Tile]:
     """Yield the kept tiles of a slide, XL cell by XL cell in row-major order (XL, L, M, S within a cell).
 

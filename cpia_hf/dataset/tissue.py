@@ -11,12 +11,17 @@ Every tile records its mask tissue fraction, whichever rule decides.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
-from ..standard import WHITE_LEVEL, release_is_blank, release_keeps_xl
-
-RULES = ("release", "mask")
+RuleName = Literal["mask", "release"]
+RULES: tuple[str, ...] = get_args(RuleName)
+# The release's thresholds on a tile's mean colour (0-255), used only here.
+WHITE_LEVEL = 220  # a channel above this is blank glass
+MIN_RED = 100  # an XL tile needs R > 100 ...
+MIN_BLUE = 30  # ... B > 30 ...
+MIN_RED_OVER_GREEN = 20  # ... and R > G + 20 (eosin)
 # Otsu's threshold on saturation is clamped to this range, so that a slide that is all tissue or
 # all background (one mode only) still gets a sensible split.
 MIN_SATURATION = 0.05
@@ -32,7 +37,7 @@ MIN_BRIGHTNESS = 30
 class TissueRule:
     """How tiles are kept: `name` is "release" or "mask"; `min_fraction` is the mask rule's threshold."""
 
-    name: str = "release"
+    name: RuleName = "release"
     min_fraction: float = 0.25
 
     def __post_init__(self) -> None:
@@ -40,6 +45,17 @@ class TissueRule:
             raise ValueError(f"unknown tissue rule {self.name!r} (expected one of {RULES})")
         if not 0.0 <= self.min_fraction <= 1.0:
             raise ValueError(f"tissue rule min_fraction must lie in [0, 1], got {self.min_fraction}")
+
+
+def release_keeps_xl(mean_rgb: tuple[float, float, float]) -> bool:
+    """The release keeps an XL tile when its mean colour looks like stained tissue."""
+    r, g, b = mean_rgb
+    return max(r, g, b) < WHITE_LEVEL and r > MIN_RED and b > MIN_BLUE and r > g + MIN_RED_OVER_GREEN
+
+
+def release_is_blank(mean_rgb: tuple[float, float, float]) -> bool:
+    """The release drops an L/M/S tile only when all three mean channels are above WHITE_LEVEL."""
+    return all(c > WHITE_LEVEL for c in mean_rgb)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -92,4 +108,5 @@ def release_surely_drops_xl(mean_rgb: tuple[float, float, float], margin: float 
     Same thresholds as `release_keeps_xl`; the R - G test moves by up to twice the margin.
     """
     r, g, b = mean_rgb
-    return max(r, g, b) >= WHITE_LEVEL + margin or r <= 100 - margin or b <= 30 - margin or r <= g + 20 - 2 * margin
+    return (max(r, g, b) >= WHITE_LEVEL + margin or r <= MIN_RED - margin or b <= MIN_BLUE - margin
+            or r <= g + MIN_RED_OVER_GREEN - 2 * margin)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -21,11 +20,28 @@ import pyarrow.parquet as pq
 from .. import __version__
 from ..schema import FEATURES
 from ..standard import STANDARD_MPP
-from .catalog import CatalogEntry, subset_slug
+from .catalog import CatalogEntry, folder_safe, subset_slug
 from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
 from .roi import DEFAULT_MAX_PIXELS, RoiError, convert_roi
+from .tissue import RuleName
 
 ROW_GROUP_BYTES = 64 * 1024 * 1024
+
+
+class RowGroupBytes:
+    """Closes a row group once the image bytes added since the last one reach ROW_GROUP_BYTES."""
+
+    def __init__(self, limit: int = ROW_GROUP_BYTES):
+        self.limit = limit
+        self.pending = 0  # image bytes of the open row group
+
+    def add(self, size: int) -> bool:
+        """Count one row of `size` image bytes; True when the row group closes after it."""
+        self.pending += size
+        if self.pending < self.limit:
+            return False
+        self.pending = 0
+        return True
 ROI_CHUNK_FILES = 2000
 # Internal columns of unit files: grid indices of a WSI tile at its own scale, and whether a ROI
 # belongs to its source's training split. They are dropped when shards are packed.
@@ -39,7 +55,7 @@ class ConvertOptions:
     """Everything besides the sources that changes what a unit produces."""
 
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
-    tissue_rule: str = "release"
+    tissue_rule: RuleName = "release"
     min_tissue_fraction: float = 0.25
     s_per_m: int = 1
     seed: int = 0
@@ -79,7 +95,7 @@ def discover_units(entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_
 
 
 def _wsi_unit_id(relative: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", relative.with_suffix("").as_posix().replace("/", "__"))
+    return folder_safe(relative.with_suffix("").as_posix().replace("/", "__"))
 
 
 def slide_stem(file: str) -> str:
@@ -142,14 +158,13 @@ def _write_unit_parquet(path: Path, rows: Iterator[dict]) -> int:
     count = 0
     with pq.ParquetWriter(tmp, UNIT_SCHEMA) as writer:
         batch: list[dict] = []
-        batch_bytes = 0
+        groups = RowGroupBytes()
         for row in rows:
             batch.append(row)
-            batch_bytes += len(row["image"]["bytes"])
-            if batch_bytes >= ROW_GROUP_BYTES:
+            if groups.add(len(row["image"]["bytes"])):
                 writer.write_table(pa.Table.from_pylist(batch, schema=UNIT_SCHEMA))
                 count += len(batch)
-                batch, batch_bytes = [], 0
+                batch = []
         if batch or count == 0:
             writer.write_table(pa.Table.from_pylist(batch, schema=UNIT_SCHEMA))
             count += len(batch)
