@@ -50,9 +50,12 @@ def large_slide(tmp_path_factory):
     return write_slide(path, he_like_image(4200, 4000, seed=2, tissue=0.75), 0.5, vendor="generic")
 
 
+RELEASE = TissueRule("release")
+
+
 @pytest.fixture(scope="module")
 def large_tiles(large_slide):
-    return list(iter_slide_tiles(large_slide, slide_stem="large"))
+    return list(iter_slide_tiles(large_slide, slide_stem="large", rule=RELEASE))
 
 
 def test_slide_info_standard_size(small_slide, large_slide):
@@ -123,9 +126,10 @@ def test_order_is_cell_by_cell_and_deterministic(large_slide, large_tiles):
     assert cells == sorted(cells)
     first_cell = [t.scale for t, cell in zip(large_tiles, cells) if cell == (0, 0)]
     assert first_cell == sorted(first_cell, key=["XL", "L", "M", "S"].index)
-    again = list(iter_slide_tiles(large_slide, slide_stem="large"))
+    again = list(iter_slide_tiles(large_slide, slide_stem="large", rule=RELEASE))
     assert [t.image_id for t in again] == [t.image_id for t in large_tiles]
-    reseeded = {t.image_id for t in iter_slide_tiles(large_slide, slide_stem="large", seed=1) if t.scale == "S"}
+    reseeded = {t.image_id for t in iter_slide_tiles(large_slide, slide_stem="large", seed=1, rule=RELEASE)
+                if t.scale == "S"}
     assert reseeded != {t.image_id for t in large_tiles if t.scale == "S"}
 
 
@@ -191,13 +195,13 @@ def test_corrupt_tile_skips_only_its_cell(large_slide, large_tiles, tmp_path, re
     pixels = he_like_image(4200, 4000, seed=2, tissue=0.75)
     path = write_slide(tmp_path / "corrupt.tiff", pixels, 0.5, vendor="generic", corrupt_tile_at=(3, 3))
     errors = []
-    tiles = list(iter_slide_tiles(path, slide_stem="large", on_cell_error=errors.append, reader=reader))
+    tiles = list(iter_slide_tiles(path, slide_stem="large", on_cell_error=errors.append, reader=reader, rule=RELEASE))
     assert len(errors) == 1 and errors[0].startswith("cell (0,0) region")
     assert not any(t.x_index * t.side < 3840 and t.y_index * t.side < 3840 for t in tiles)
     others = [t.image_id for t in large_tiles if t.x_index * t.side >= 3840 or t.y_index * t.side >= 3840]
     assert others and [t.image_id for t in tiles] == others
     with pytest.raises(SlideError, match=r"cell \(0,0\)"):
-        list(iter_slide_tiles(path, slide_stem="large", reader=reader))
+        list(iter_slide_tiles(path, slide_stem="large", reader=reader, rule=RELEASE))
 
 
 def test_truncated_or_foreign_file_raises_naming_it(small_slide, tmp_path):

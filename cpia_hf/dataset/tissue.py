@@ -1,11 +1,13 @@
 """Tissue rules: which WSI tiles are kept.
 
 Two rules:
-- "release" reproduces the released processing: an XL tile is kept when its mean colour looks
-  stained (`release_keeps_xl`); an L/M/S tile inside a kept XL tile is dropped only when its mean
-  colour is blank (`release_is_blank`).
-- "mask" keeps a tile when at least `min_fraction` of its area is tissue in a low-resolution
-  tissue mask (see `tissue_mask`).
+- "mask" (the default) keeps a tile when at least `min_fraction` of its area is tissue in a
+  low-resolution tissue mask (see `tissue_mask`). Every tile is judged on its own, so partial XL
+  cells, slide borders, small biopsies and TMA cores keep their tissue, faintly stained too.
+- "release" reproduces the released processing's counts: an XL tile is kept when its mean colour
+  looks stained (`release_keeps_xl`); an L/M/S tile inside a kept XL tile is dropped only when its
+  mean colour is blank (`release_is_blank`). It is a colour test on the whole XL cell, not a tissue
+  detector: a faint eosin biopsy (R - G < 20) or a cell mostly of glass loses every tile.
 Every tile records its mask tissue fraction, whichever rule decides.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-RuleName = Literal["mask", "release"]
+RuleName = Literal["mask", "release"]  # the first is the default
 RULES: tuple[str, ...] = get_args(RuleName)
 # The release's thresholds on a tile's mean colour (0-255), used only here.
 WHITE_LEVEL = 220  # a channel above this is blank glass
@@ -37,7 +39,7 @@ MIN_BRIGHTNESS = 30
 class TissueRule:
     """How tiles are kept: `name` is "release" or "mask"; `min_fraction` is the mask rule's threshold."""
 
-    name: RuleName = "release"
+    name: RuleName = "mask"
     min_fraction: float = 0.25
 
     def __post_init__(self) -> None:

@@ -55,7 +55,7 @@ class ConvertOptions:
     """Everything besides the sources that changes what a unit produces."""
 
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
-    tissue_rule: RuleName = "release"
+    tissue_rule: RuleName = "mask"
     min_tissue_fraction: float = 0.25
     s_per_m: int = 1
     seed: int = 0

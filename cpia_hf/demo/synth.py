@@ -1,19 +1,35 @@
-"""Generated sample slides: H&E-like pixels written as pyramidal tiled JPEG TIFFs that OpenSlide reads.
+"""Generated sample slides: H&E-like pixels written as tiled JPEG TIFFs (pyramidal SVS or generic TIFF,
+single-level too) that OpenSlide reads.
 
-Used by the tests, the demo and the benchmarks, so that no real slide has to be downloaded.
+Used by the tests, the demo and the benchmarks, so that no real slide has to be downloaded. Two stains:
+`STRONG` (saturated pink and purple on near-white) and `FAINT` as many real scans look: light grey glass
+(~235, 235, 235) and pale eosin whose red exceeds green by less than 20 (tissue mean ~(214, 195, 208)).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from PIL import Image, ImageDraw, ImageFilter
 
-BACKGROUND_RGB = (241, 240, 238)
-EOSIN_LIGHT_RGB = (228, 152, 196)
-EOSIN_DARK_RGB = (190, 88, 146)
-HAEMATOXYLIN_RGB = (78, 50, 128)
+
+
+@dataclass(frozen=True)
+class Stain:
+    """Colours of a generated slide: glass, light and dark eosin (stroma), haematoxylin (nuclei)."""
+
+    background: tuple[int, int, int]
+    eosin_light: tuple[int, int, int]
+    eosin_dark: tuple[int, int, int]
+    haematoxylin: tuple[int, int, int]
+
+
+STRONG = Stain((241, 240, 238), (228, 152, 196), (190, 88, 146), (78, 50, 128))
+FAINT = Stain((235, 235, 235), (227, 213, 220), (211, 189, 204), (155, 125, 175))
+# Scanner objective and MPP pairs seen in public sources (Aperio, Hamamatsu, 3DHistech at 40x; 20x).
+REAL_MPPS = (0.2527, 0.263, 0.2265, 0.499)
 # Pixels are first drawn at 1/COARSE of the target size and upsampled (fast, and nuclei get soft edges).
 COARSE = 4
 APERIO_DESCRIPTION = "Aperio Image Library v12.0.15"
@@ -44,32 +60,49 @@ def _nuclei_mask(rng: np.random.Generator, tissue: np.ndarray, nucleus_px: float
     return np.asarray(canvas, dtype=np.float32) / 255.0
 
 
-def _coarse_image(width: int, height: int, seed: int, tissue: float) -> np.ndarray:
+def _tissue_alpha(rng: np.random.Generator, width: int, height: int, tissue: float) -> np.ndarray:
+    """Where the tissue lies, in [0, 1]: a smooth field thresholded so that about `tissue` of it is 1."""
+    field = 0.6 * _smooth_noise(rng, width, height, 250.0) + 0.4 * _smooth_noise(rng, width, height, 60.0)
+    if tissue <= 0.0:
+        return np.zeros_like(field)
+    level = np.quantile(field[:: max(1, height // 256), :: max(1, width // 256)], 1.0 - tissue)
+    return np.clip((field - level) / 0.03, 0.0, 1.0)
+
+
+def _coarse_image(width: int, height: int, seed: int, tissue: float, stain: Stain) -> np.ndarray:
     """The H&E-like picture at 1/COARSE resolution, float32 RGB in [0, 255]."""
     rng = np.random.default_rng(seed)
-    field = 0.6 * _smooth_noise(rng, width, height, 250.0) + 0.4 * _smooth_noise(rng, width, height, 60.0)
-    level = np.quantile(field[:: max(1, height // 256), :: max(1, width // 256)], 1.0 - tissue)
-    tissue_alpha = np.clip((field - level) / 0.03, 0.0, 1.0)
+    tissue_alpha = _tissue_alpha(rng, width, height, tissue)
     density = 0.55 * _smooth_noise(rng, width, height, 30.0) + 0.45 * _smooth_noise(rng, width, height, 6.0)
     nuclei = _nuclei_mask(rng, np.clip(tissue_alpha * (0.4 + density), 0.0, 1.0), nucleus_px=3.5)
     light, dark, hema, background = (np.array(c, np.float32) for c in
-                                     (EOSIN_LIGHT_RGB, EOSIN_DARK_RGB, HAEMATOXYLIN_RGB, BACKGROUND_RGB))
+                                     (stain.eosin_light, stain.eosin_dark, stain.haematoxylin, stain.background))
     stroma = light + density[..., None] * (dark - light)
     stained = stroma + nuclei[..., None] * (hema - stroma)
     return background + tissue_alpha[..., None] * (stained - background)
 
 
-def he_like_image(width: int, height: int, seed: int, tissue: float = 0.6) -> np.ndarray:
-    """HxWx3 uint8 H&E-like image: pink stroma, purple nuclei, fine texture, white background.
+def tissue_truth(width: int, height: int, seed: int, tissue: float = 0.6) -> np.ndarray:
+    """HxW bool: where `he_like_image(width, height, seed, tissue)` draws tissue (alpha >= 0.5)."""
+    coarse_w, coarse_h = max(2, -(-width // COARSE)), max(2, -(-height // COARSE))
+    alpha = _tissue_alpha(np.random.default_rng(seed), coarse_w, coarse_h, tissue)
+    crop = (0.0, 0.0, width / COARSE, height / COARSE)
+    full = Image.fromarray(alpha.astype(np.float32), "F").resize((width, height), Image.Resampling.BILINEAR, box=crop)
+    return np.asarray(full) >= 0.5
 
-    `tissue` is the approximate fraction of the area covered by tissue. Deterministic for a seed.
+
+def he_like_image(width: int, height: int, seed: int, tissue: float = 0.6, stain: Stain = STRONG) -> np.ndarray:
+    """HxWx3 uint8 H&E-like image: eosin stroma, haematoxylin nuclei, fine texture, glass background.
+
+    `tissue` is the approximate fraction of the area covered by tissue (`tissue_truth` says where);
+    `stain` the colours (STRONG or FAINT). Deterministic for a seed.
     The layout is drawn at 1/4 resolution, upsampled bilinearly, and a tiled fine-grain noise layer
     is added band by band so that memory stays at about the size of the output.
     """
     if width <= 0 or height <= 0 or not 0.0 <= tissue <= 1.0:
         raise ValueError(f"invalid image size {width}x{height} or tissue fraction {tissue}")
     coarse_w, coarse_h = max(2, -(-width // COARSE)), max(2, -(-height // COARSE))
-    coarse = _coarse_image(coarse_w, coarse_h, seed, tissue)
+    coarse = _coarse_image(coarse_w, coarse_h, seed, tissue, stain)
     coarse_rgb = Image.fromarray(np.clip(coarse + 0.5, 0, 255).astype(np.uint8), "RGB")
     rng = np.random.default_rng([seed, 1])
     grain = rng.integers(-7, 8, size=(509, 509, 1), dtype=np.int16)  # odd period avoids visible 256-px tiling
