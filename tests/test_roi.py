@@ -90,3 +90,47 @@ def test_decompression_bomb_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
     with pytest.raises(RoiError, match="decompression bomb"):
         convert_roi(path)
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header claiming width x height RGB pixels, with a tiny body."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_one_pixel_limit_for_pillow_and_the_converter(tmp_path: Path) -> None:
+    """A genuine 16000 x 12500 ROI (200 Mpx, over Pillow's default 179 Mpx bomb limit) converts; one over
+    2^30 px is refused with the converter's own reason; Pillow's global limit is left as it was."""
+    before = Image.MAX_IMAGE_PIXELS
+    image = Image.new("L", (16000, 12500), 40)
+    image.paste(220, (8000, 0, 16000, 12500))
+    image.save(tmp_path / "large.jpg", quality=90)
+    del image
+    roi = convert_roi(tmp_path / "large.jpg")
+    assert (roi.x, roi.y, roi.side) == (1750.0, 0.0, 12500.0)
+    assert abs(roi.pixels[:, :180].mean() - 40) < 3 and abs(roi.pixels[:, 204:].mean() - 220) < 3
+    with pytest.raises(RoiError, match=r"decompression bomb: 32768x32769 = 1073774592 pixels exceeds the limit of 1073741824"):
+        convert_roi(png_claiming(tmp_path / "over.png", 32768, 32769))
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """Stored 600x400 with a red left half and a blue right half, EXIF orientation 6 (rotate 90 degrees
+    clockwise to view): the viewed image is 400x600 with red on top and blue below."""
+    stored = np.zeros((400, 600, 3), np.uint8)
+    stored[:, :300] = (220, 30, 30)
+    stored[:, 300:] = (30, 30, 220)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    roi = convert_roi(tmp_path / "rotated.jpg")
+    assert (roi.x, roi.y, roi.side) == (0.0, 100.0, 400.0)  # the centred square of the 400x600 viewed image
+    red, blue = np.array((220, 30, 30)), np.array((30, 30, 220))
+    assert np.abs(roi.pixels[:180].reshape(-1, 3).mean(0) - red).max() < 4
+    assert np.abs(roi.pixels[204:].reshape(-1, 3).mean(0) - blue).max() < 4

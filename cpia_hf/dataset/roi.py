@@ -1,16 +1,24 @@
-"""ROI conversion: largest centred square, resized to 384x384, any Pillow-readable image as RGB."""
+"""ROI conversion: largest centred square, resized to 384x384, any Pillow-readable image as RGB, EXIF
+orientation applied (coordinates are in the oriented image)."""
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..standard import ROI_SIDE
 
-DEFAULT_MAX_PIXELS = 1 << 30  # ROI sources include gigapixel-free but large images (e.g. 40k x 20k)
+# One pixel limit for ROIs, applied to Pillow's own decompression-bomb check too (its default, 179 Mpx,
+# would refuse a genuine 16000 x 12500 ROI): ROI sources include large images (e.g. 40k x 20k). JPEGs
+# are decoded downscaled in the DCT domain; other formats need ~3 bytes per pixel while converting.
+DEFAULT_MAX_PIXELS = 1 << 30
+ORIENTATION = 0x0112  # EXIF tag; values 5-8 swap width and height
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class RoiError(Exception):
@@ -56,10 +64,33 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def convert_roi(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> RoiImage:
     """Read an ROI image, crop the largest centred square and resize it to ROI_SIDE x ROI_SIDE."""
     side = ROI_SIDE
+    with _without_pillow_pixel_limit():
+        image, x0, y0, square, scale = _open_roi(path, side, max_pixels)
+        rgb = to_rgb(image)
+    box = (x0 / scale, y0 / scale, (x0 + square) / scale, (y0 + square) / scale)
+    resized = rgb.resize((side, side), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    return RoiImage(np.asarray(resized), x0, y0, float(square))
+
+
+@contextmanager
+def _without_pillow_pixel_limit() -> Iterator[None]:
+    """Pillow's own bomb check off (it warns above MAX_IMAGE_PIXELS and fails at twice that): `_open_roi`
+    applies the converter's single limit to the size the header declares, before decoding."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies below
-            image = Image.open(path)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _open_roi(path: Path, side: int, max_pixels: int) -> tuple[Image.Image, float, float, int, float]:
+    """The decoded image (EXIF orientation applied, JPEGs DCT-downscaled) and its centred square
+    (x0, y0, side in source pixels) with the decoded image's downscale factor."""
+    try:
+        image = Image.open(path)
         width, height = image.size
         if width * height > max_pixels:
             raise RoiError(path, f"decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
@@ -71,15 +102,13 @@ def convert_roi(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> RoiImage
             image.draft("RGB", (-(-width * side // square), -(-height * side // square)))
         scale = width / image.size[0]
         image.load()
+        if image.getexif().get(ORIENTATION, 1) in TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+        image = ImageOps.exif_transpose(image)  # as cameras and viewers show it; the square is in that frame
     except RoiError:
         raise
     except Image.DecompressionBombError as error:
         raise RoiError(path, f"decompression bomb: {error}") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise RoiError(path, f"unreadable image: {error}") from error
-    x0 = (width - square) / 2
-    y0 = (height - square) / 2
-    box = (x0 / scale, y0 / scale, (x0 + square) / scale, (y0 + square) / scale)
-    rgb = to_rgb(image)
-    resized = rgb.resize((side, side), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
-    return RoiImage(np.asarray(resized), x0, y0, float(square))
+    return image, (width - square) / 2, (height - square) / 2, square, scale
