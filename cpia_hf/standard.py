@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 
 STANDARD_MPP = 0.4942
+# Plausible pixel sizes of a microscope scan, um/px (100x oil immersion ~0.05 to 2x overview ~5). A slide
+# or catalog MPP outside is refused: it is a unit mix-up or a default (a TIFF's 72 dpi is 352.78 um/px).
+MPP_RANGE = (0.05, 5.0)
 SCALES = ("XL", "L", "M", "S")
 SCALE_SIDES = {"XL": 3840, "L": 960, "M": 384, "S": 96}
 # One folder per scale, so that a config of one scale downloads only its own bytes (an L user no XL tile).

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..resources import CATALOG, resource_path
-from ..standard import SCALES
+from ..standard import MPP_RANGE, SCALES
 
 UNKNOWN = "unknown"
 KINDS = ("wsi", "roi")
@@ -174,8 +174,9 @@ def _validate_entry(raw: Any) -> CatalogEntry:
         raise ValueError(f"benchmarks must be a list of non-empty names or Hub ids, got {benchmarks!r}")
     mpp = raw.get("mpp")
     if mpp is not None and (isinstance(mpp, bool) or not isinstance(mpp, (int, float))
-                            or not math.isfinite(mpp) or mpp <= 0):
-        raise ValueError(f"mpp must be a positive number of um/px, got {mpp!r}")
+                            or not math.isfinite(mpp) or not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]):
+        raise ValueError(f"mpp must be a number of um/px within the plausible range {MPP_RANGE[0]}-{MPP_RANGE[1]}, "
+                         f"got {mpp!r}")
 
     allowed_scales = SCALES if kind == "wsi" else (raw["scale"],)
     released_names = _per_scale(raw, "released_names", allowed_scales, str)

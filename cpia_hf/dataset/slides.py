@@ -26,7 +26,7 @@ import openslide
 import tifffile
 from PIL import Image
 
-from ..standard import SCALE_SIDES, STANDARD_MPP, stable_unit_float, tile_name
+from ..standard import MPP_RANGE, SCALE_SIDES, STANDARD_MPP, stable_unit_float, tile_name
 from .tissue import TissueRule, keeps_tile, release_surely_drops_xl, tissue_mask
 
 # Resampling: an integer k x k shrink (JPEG DCT scaling on the fast path, else `Image.reduce`) then
@@ -47,6 +47,15 @@ XL_SIDE, M_SIDE, S_SIDE = (SCALE_SIDES[s] for s in ("XL", "M", "S"))
 MASK_PX = 16  # standardised pixels per tissue-mask pixel; every tile side is a multiple of it
 BAND_SOURCE_PIXELS = 2**24  # source pixels read per band (64 MB as RGBX): memory stays bounded
 FAST_PATH_VENDORS = ("aperio", "generic-tiff")
+# A slide coarser than the standard is upsampled; beyond this factor (MPP > 1.24 um/px) it holds too
+# little detail for the standard's tiles and is refused. 10x scans (~1 um/px) still convert.
+MAX_UPSAMPLING = 2.5
+# Bounds checked from the header, before anything is allocated, so that a worker stays under ~1.5 GB
+# whatever a file claims. Level 0: at most 2^36 px (e.g. 262,144 x 262,144). Tissue thumbnail, mask and
+# summed-area tables: one pixel per MASK_PX x MASK_PX standardised pixels, at most 2^25 of them
+# (~18 bytes each, +24 under the release rule: <= 1.4 GB), i.e. about 190,000 x 190,000 px at 0.25 um/px.
+MAX_SLIDE_PIXELS = 2**36
+MAX_MASK_PIXELS = 2**25
 JPEG, RGB, YCBCR = 7, 2, 6  # TIFF Compression and PhotometricInterpretation values
 ReaderName = Literal["auto", "tifffile", "openslide"]  # "auto": the tifffile fast path where it serves
 
@@ -230,20 +239,49 @@ class _TiffReader:
 
 
 def _slide_mpp(path: Path, slide: openslide.OpenSlide, mpp_override: float | None) -> float:
-    """The catalog MPP when given, else the slide's; never guessed."""
+    """The catalog MPP when given, else the slide's; never guessed; refused when implausible."""
     if mpp_override is not None:
-        mpp = float(mpp_override)
+        mpp, source = float(mpp_override), "catalog mpp"
     else:
-        mpp_x = slide.properties.get(openslide.PROPERTY_NAME_MPP_X)
-        if mpp_x is None:
-            raise SlideError(path, "no MPP in slide metadata and no catalog mpp")
-        mpp = float(mpp_x)
-        mpp_y = slide.properties.get(openslide.PROPERTY_NAME_MPP_Y)
-        if mpp_y is not None and abs(float(mpp_y) - mpp) > 0.01 * mpp:
-            raise SlideError(path, f"non-square pixels: mpp-x {mpp_x}, mpp-y {mpp_y}")
-    if not math.isfinite(mpp) or mpp <= 0:
-        raise SlideError(path, f"invalid MPP {mpp}")
+        mpp, source = _metadata_mpp(path, slide), "slide metadata"
+    if not math.isfinite(mpp) or not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+        raise SlideError(path, f"MPP {mpp:g} um/px ({source}) is outside the plausible range "
+                               f"{MPP_RANGE[0]}-{MPP_RANGE[1]} um/px")
+    if mpp / STANDARD_MPP > MAX_UPSAMPLING:
+        raise SlideError(path, f"MPP {mpp:g} um/px ({source}) would be upsampled {mpp / STANDARD_MPP:.1f}x to "
+                               f"{STANDARD_MPP} um/px; at most {MAX_UPSAMPLING}x is allowed")
     return mpp
+
+
+def _metadata_mpp(path: Path, slide: openslide.OpenSlide) -> float:
+    """The slide's own square-pixel MPP. A generic TIFF's MPP comes from its resolution tags, which most
+    writers fill with a screen default (72 dpi = 352.78 um/px): outside MPP_RANGE it means "no MPP"."""
+    properties = slide.properties
+    mpp_x = properties.get(openslide.PROPERTY_NAME_MPP_X)
+    if mpp_x is None:
+        raise SlideError(path, "no MPP in slide metadata and no catalog mpp")
+    mpp = float(mpp_x)
+    from_tags = properties.get(openslide.PROPERTY_NAME_VENDOR) == "generic-tiff"
+    if from_tags and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+        resolution, unit = properties.get("tiff.XResolution"), properties.get("tiff.ResolutionUnit")
+        raise SlideError(path, f"no MPP in slide metadata and no catalog mpp (the TIFF resolution tags say "
+                               f"{resolution} pixels per {unit}, {mpp:g} um/px: a default, not a scan)")
+    mpp_y = properties.get(openslide.PROPERTY_NAME_MPP_Y)
+    if mpp_y is not None and abs(float(mpp_y) - mpp) > 0.01 * mpp:
+        raise SlideError(path, f"non-square pixels: mpp-x {mpp_x}, mpp-y {mpp_y}")
+    return mpp
+
+
+def _check_size(path: Path, dimensions: tuple[int, int], mpp: float) -> None:
+    """Refuse a slide whose level 0 or tissue thumbnail exceeds the bounds, before reading any pixel."""
+    width, height = dimensions
+    if width * height > MAX_SLIDE_PIXELS:
+        raise SlideError(path, f"{width}x{height} px exceeds the limit of {MAX_SLIDE_PIXELS:,} px per slide")
+    scale = STANDARD_MPP / mpp
+    mask_pixels = (int(width / scale) // MASK_PX) * (int(height / scale) // MASK_PX)
+    if mask_pixels > MAX_MASK_PIXELS:
+        raise SlideError(path, f"{width}x{height} px at {mpp:g} um/px needs a tissue thumbnail of {mask_pixels:,} px, "
+                               f"over the limit of {MAX_MASK_PIXELS:,}")
 
 
 def _open(path: Path, mpp_override: float | None, reader: ReaderName) -> tuple[SlideInfo, _OpenSlideReader | _TiffReader]:
@@ -257,6 +295,7 @@ def _open(path: Path, mpp_override: float | None, reader: ReaderName) -> tuple[S
         raise SlideError(path, f"cannot open slide ({type(error).__name__}: {error})") from error
     try:
         mpp = _slide_mpp(path, slide, mpp_override)
+        _check_size(path, slide.dimensions, mpp)
         fast = None
         if reader != "openslide":
             try:
@@ -324,21 +363,26 @@ class _Grid:
         self.source = source
         self.scale = STANDARD_MPP / info.mpp  # level-0 source pixels per standardised pixel
         self.level = _best_level(source.level_downsamples, self.scale)
-        thumbnail = self._thumbnail()
-        self.mask_integral = _integral(tissue_mask(thumbnail))
-        self.colour_integral = _integral(thumbnail)
+        self.thumbnail = self._thumbnail()
+        self.mask_integral = _integral(tissue_mask(self.thumbnail), np.int32)  # counts <= MAX_MASK_PIXELS < 2^31
+        self._colour_integral: np.ndarray | None = None  # built on first use (the release rule only)
 
     def _thumbnail(self) -> np.ndarray:
-        """The slide with one pixel per MASK_PX standardised pixels (area average), built in row bands."""
+        """The slide with one pixel per MASK_PX standardised pixels (area average), built in pieces of at most
+        BAND_SOURCE_PIXELS source pixels (row bands, cut in columns when a band is wider)."""
         mask_w, mask_h = self.info.std_width // MASK_PX, self.info.std_height // MASK_PX
         level = _best_level(self.source.level_downsamples, self.scale * MASK_PX)
         step = self.scale * MASK_PX / self.source.level_downsamples[level]  # level pixels per mask pixel
         rows_per_band = max(1, int(BAND_SOURCE_PIXELS / (self.source.level_dimensions[level][0] * step)))
+        columns_per_piece = max(1, int(BAND_SOURCE_PIXELS / (rows_per_band * step * step)))
         thumbnail = np.empty((mask_h, mask_w, 3), np.uint8)
         for top in range(0, mask_h, rows_per_band):
             bottom = min(mask_h, top + rows_per_band)
-            box = (0.0, top * step, mask_w * step, bottom * step)
-            thumbnail[top:bottom] = _resampled(self.source, level, box, (mask_w, bottom - top), Image.Resampling.BOX)
+            for left in range(0, mask_w, columns_per_piece):
+                right = min(mask_w, left + columns_per_piece)
+                box = (left * step, top * step, right * step, bottom * step)
+                size = (right - left, bottom - top)
+                thumbnail[top:bottom, left:right] = _resampled(self.source, level, box, size, Image.Resampling.BOX)
         return thumbnail
 
     def tissue_fraction(self, x: int, y: int, side: int) -> float:
@@ -348,7 +392,9 @@ class _Grid:
     def thumbnail_colour(self, x: int, y: int, width: int, height: int) -> tuple[float, float, float]:
         """Mean thumbnail colour of the standardised rectangle (whole mask pixels only)."""
         columns, rows = max(1, width // MASK_PX), max(1, height // MASK_PX)
-        return tuple(_area_mean(self.colour_integral, x // MASK_PX, y // MASK_PX, columns, rows))
+        if self._colour_integral is None:
+            self._colour_integral = _integral(self.thumbnail, np.int64)
+        return tuple(_area_mean(self._colour_integral, x // MASK_PX, y // MASK_PX, columns, rows))
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         """Standardised pixels of the rectangle (x, y, width, height), resampled band by band."""
@@ -364,10 +410,12 @@ class _Grid:
         return out
 
 
-def _integral(values: np.ndarray) -> np.ndarray:
-    """Summed-area table with a zero first row and column (int64)."""
-    table = values.astype(np.int64).cumsum(0).cumsum(1)
-    return np.pad(table, ((1, 0), (1, 0)) + ((0, 0),) * (values.ndim - 2))
+def _integral(values: np.ndarray, dtype: type) -> np.ndarray:
+    """Summed-area table with a zero first row and column, accumulated in place (one array of `dtype`)."""
+    table = np.zeros((values.shape[0] + 1, values.shape[1] + 1) + values.shape[2:], dtype)
+    np.cumsum(values, axis=0, dtype=dtype, out=table[1:, 1:])
+    np.cumsum(table[1:, 1:], axis=1, out=table[1:, 1:])
+    return table
 
 
 def _area_mean(table: np.ndarray, column: int, row: int, columns: int, rows: int) -> np.ndarray:

@@ -83,9 +83,8 @@ def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
     Stained tissue is coloured while glass and background are grey or white, so saturation
     (max - min) / max separates them regardless of stain intensity.
     """
-    rgb = thumbnail.astype(np.float32)
-    brightest = rgb.max(axis=2)
-    saturation = (brightest - rgb.min(axis=2)) / np.maximum(brightest, 1.0)
+    brightest = thumbnail.max(axis=2)
+    saturation = (brightest - thumbnail.min(axis=2)).astype(np.float32) / np.maximum(brightest, 1)
     threshold = float(np.clip(otsu_threshold(saturation), MIN_SATURATION, MAX_SATURATION)) if saturation.size else 0.0
     return (saturation >= threshold) & (brightest >= MIN_BRIGHTNESS)
 

@@ -7,6 +7,8 @@ Used by the tests, the demo and the benchmarks, so that no real slide has to be 
 """
 from __future__ import annotations
 
+import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,3 +196,46 @@ def write_slide(
     if corrupt_tile_at is not None:
         corrupt_tile(path, *corrupt_tile_at)
     return path
+
+
+def write_claimed_size_tiff(path: Path, width: int, height: int, mpp: float, tile: int = 2048) -> Path:
+    """A small, valid tiled JPEG TIFF claiming `width` x `height` px: every tile entry points at the same
+    light-grey tile (a pixel bomb, for robustness tests). Classic TIFF, so at most ~4 GB of offsets."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (tile, tile), (236, 236, 236)).save(buffer, format="JPEG", quality=90)
+    jpeg = buffer.getvalue()
+    count = -(-width // tile) * -(-height // tile)
+    pixels_per_cm = round(1e4 / mpp)
+    entries = [  # (tag, type, values): SHORT=3, LONG=4, RATIONAL=5; YCbCr JPEG, 4:2:0 as Pillow writes it
+        (256, 4, [width]), (257, 4, [height]), (258, 3, [8, 8, 8]), (259, 3, [7]), (262, 3, [6]),
+        (277, 3, [3]), (282, 5, [pixels_per_cm, 1]), (283, 5, [pixels_per_cm, 1]), (284, 3, [1]),
+        (296, 3, [3]), (322, 3, [tile]), (323, 3, [tile]), (324, 4, None), (325, 4, [len(jpeg)] * count),
+        (530, 3, [2, 2]),
+    ]
+    ifd_size = 2 + 12 * len(entries) + 4
+    data, blobs = 8 + ifd_size, []
+    layout = []
+    for tag, kind, values in entries:
+        n = count if tag == 324 else (len(values) // 2 if kind == 5 else len(values))
+        size = {3: 2, 4: 4, 5: 8}[kind] * n
+        if size > 4:
+            layout.append((tag, kind, n, data))
+            blobs.append((tag, kind, values, data))
+            data += size + size % 2
+        else:
+            layout.append((tag, kind, n, values))
+    jpeg_offset = data
+    out = [b"II*\x00", struct.pack("<I", 8), struct.pack("<H", len(entries))]
+    for tag, kind, n, value in layout:
+        if isinstance(value, int):
+            out.append(struct.pack("<HHII", tag, kind, n, value))
+        else:
+            packed = struct.pack(f"<{len(value)}{'H' if kind == 3 else 'I'}", *value)
+            out.append(struct.pack("<HHI", tag, kind, n) + packed.ljust(4, b"\x00"))
+    out.append(struct.pack("<I", 0))
+    for tag, kind, values, _ in blobs:
+        values = [jpeg_offset] * count if tag == 324 else values
+        packed = struct.pack(f"<{len(values)}{'H' if kind == 3 else 'I'}", *values)
+        out.append(packed + b"\x00" * (len(packed) % 2))
+    Path(path).write_bytes(b"".join(out) + jpeg)
+    return Path(path)

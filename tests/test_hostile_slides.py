@@ -1,0 +1,95 @@
+"""Slides that claim nonsense are refused fast, naming the file and the reason: default TIFF resolutions,
+implausible or upsampling MPPs, catalog MPPs, and pixel bombs."""
+from __future__ import annotations
+
+import resource
+import time
+
+import numpy as np
+import pytest
+import tifffile
+import yaml
+
+from cpia_hf.dataset.catalog import CatalogError, load_catalog
+from cpia_hf.dataset.slides import MAX_MASK_PIXELS, MAX_SLIDE_PIXELS, SlideError, iter_slide_tiles, open_slide_info
+from cpia_hf.demo.synth import he_like_image, write_claimed_size_tiff, write_slide
+
+
+def tiled_tiff(path, width, height, resolution, unit):
+    """A generic tiled JPEG TIFF with the given resolution tags, as image tools write them."""
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(he_like_image(width, height, seed=1), photometric="rgb", tile=(16, 16) if width < 256 else (256, 256),
+                  compression="jpeg", resolution=(resolution, resolution), resolutionunit=unit, metadata=None)
+    return path
+
+
+@pytest.mark.parametrize("width, height, resolution, unit", [
+    (300, 250, 72, "INCH"),  # OpenSlide's boxes.tiff case: 352.78 um/px
+    (300, 250, 72 / 2.54, "CENTIMETER"),
+    (48, 48, 72, "INCH"),
+    (300, 250, 300, "INCH"),  # 84.7 um/px: a print resolution, not a scan either
+])
+def test_default_tiff_resolution_is_no_mpp(tmp_path, width, height, resolution, unit):
+    path = tiled_tiff(tmp_path / "image.tiff", width, height, resolution, unit)
+    with pytest.raises(SlideError, match="no MPP in slide metadata and no catalog mpp") as error:
+        open_slide_info(path)
+    assert str(path) in str(error.value) and "TIFF resolution tags" in error.value.reason
+    with pytest.raises(SlideError, match="no MPP"):
+        list(iter_slide_tiles(path, slide_stem="image"))
+    assert open_slide_info(path, mpp_override=0.5).mpp == 0.5  # a catalog MPP still serves
+
+
+@pytest.mark.parametrize("mpp, reason", [(5.0, r"would be upsampled 10\.1x"), (2.0, r"upsampled 4\.0x"),
+                                         (0.01, "outside the plausible range")])
+def test_implausible_or_upsampling_mpp_is_refused(tmp_path, mpp, reason):
+    path = write_slide(tmp_path / "odd.svs", he_like_image(512, 512, seed=2), mpp)
+    with pytest.raises(SlideError, match=reason) as error:
+        open_slide_info(path)
+    assert str(path) in str(error.value)
+    with pytest.raises(SlideError, match=reason):
+        open_slide_info(write_slide(tmp_path / "none.svs", he_like_image(512, 512, seed=2), None), mpp_override=mpp)
+
+
+def test_10x_scan_still_converts(tmp_path):
+    path = write_slide(tmp_path / "ten.svs", he_like_image(1024, 1024, seed=3, tissue=0.9), 1.0)
+    assert open_slide_info(path).std_width == int(1024 / (0.4942 / 1.0))
+    assert list(iter_slide_tiles(path, slide_stem="ten"))
+
+
+def test_catalog_mpp_outside_the_plausible_range_is_refused(tmp_path):
+    entry = {"name": "w", "kind": "wsi", "path": "w", "pattern": "*.svs", "organ": "skin", "disease": "unknown",
+             "stain": "H&E", "field": "histopathology", "license": "unknown", "homepage": "unknown",
+             "citation": "unknown"}
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"version": 1, "entries": [{**entry, "mpp": 0.25}]}))
+    assert load_catalog(path)[0].mpp == 0.25
+    path.write_text(yaml.safe_dump({"version": 1, "entries": [{**entry, "mpp": 1000}]}))
+    with pytest.raises(CatalogError, match=r"entry 0 \('w'\): mpp must be .* 0\.05-5\.0, got 1000") as error:
+        load_catalog(path)
+    assert str(path) in str(error.value)
+
+
+def test_pixel_bomb_is_refused_before_allocating(tmp_path):
+    """A consistent 10^6 x 10^6 px TIFF (2 MB: every tile entry points at one JPEG tile) and a
+    200,000^2 px one at 1.2 um/px whose thumbnail would be too large are refused at once, in bounded memory."""
+    bomb = write_claimed_size_tiff(tmp_path / "bomb.tiff", 10**6, 10**6, 0.5)
+    coarse = write_claimed_size_tiff(tmp_path / "coarse.tiff", 200_000, 200_000, 1.2)
+    assert bomb.stat().st_size < 4_000_000
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with pytest.raises(SlideError, match=f"1000000x1000000 px exceeds the limit of {MAX_SLIDE_PIXELS:,} px") as error:
+        list(iter_slide_tiles(bomb, slide_stem="bomb"))
+    assert str(bomb) in str(error.value)
+    with pytest.raises(SlideError, match=f"needs a tissue thumbnail of .* over the limit of {MAX_MASK_PIXELS:,}"):
+        list(iter_slide_tiles(coarse, slide_stem="coarse"))
+    assert time.perf_counter() - start < 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200_000  # KiB: nothing allocated
+
+
+def test_claimed_size_tiff_within_bounds_is_read(tmp_path):
+    """The bomb writer makes real slides: within the bounds the same file is read, its glass gives no tile."""
+    path = write_claimed_size_tiff(tmp_path / "glass.tiff", 6000, 5000, 0.5)
+    assert open_slide_info(path).width == 6000
+    assert list(iter_slide_tiles(path, slide_stem="glass")) == []
+    with tifffile.TiffFile(path) as tif:
+        assert np.asarray(tif.pages[0].asarray()[:8, :8]).mean() == pytest.approx(236, abs=2)
