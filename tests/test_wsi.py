@@ -190,17 +190,43 @@ def test_no_mpp_raises_and_override_works(tmp_path):
     assert Counter(t.scale for t in tiles)["M"] == 4 and tiles[0].width == pytest.approx(tiles[0].side)
 
 
-@pytest.mark.parametrize("reader", ["tifffile", "openslide"])
-def test_corrupt_tile_skips_only_its_cell(large_slide, large_tiles, tmp_path, reader):
+def overlaps(tile, left, top, right, bottom) -> bool:
+    """Whether the tile's level-0 source rectangle meets the rectangle (left, top, right, bottom)."""
+    return tile.x < right and left < tile.x + tile.width and tile.y < bottom and top < tile.y + tile.height
+
+
+@pytest.mark.parametrize("reader, levels", [("tifffile", None), ("openslide", None), ("tifffile", 1), ("openslide", 1)])
+def test_corrupt_tile_costs_only_the_tiles_it_touches(large_slide, large_tiles, tmp_path, reader, levels):
+    """The level-0 tile (256 px) under a kept M tile of cell (0, 0) is garbage: the tiles whose reads touch it
+    (at the granularity of one M block, 384 standardised px) are lost, every other tile is the same as from
+    the intact slide. A single-level TIFF builds its thumbnail from the corrupt level too: not lost either."""
     pixels = he_like_image(4200, 4000, seed=2, tissue=0.75)
-    path = write_slide(tmp_path / "corrupt.tiff", pixels, 0.5, vendor="generic", corrupt_tile_at=(3, 3))
+    if levels is None:
+        reference = large_tiles
+    else:
+        intact = write_slide(tmp_path / "intact.tiff", pixels, 0.5, vendor="generic", levels=levels)
+        reference = list(iter_slide_tiles(intact, slide_stem="large", reader=reader, rule=RELEASE))
+    m = next(t for t in reference if t.scale == "M" and 2 <= t.x_index <= 7 and 2 <= t.y_index <= 7)
+    column, row = int((m.x + m.width / 2) // 256), int((m.y + m.height / 2) // 256)
+    path = write_slide(tmp_path / "corrupt.tiff", pixels, 0.5, vendor="generic", corrupt_tile_at=(column, row),
+                       levels=levels)
     errors = []
     tiles = list(iter_slide_tiles(path, slide_stem="large", on_cell_error=errors.append, reader=reader, rule=RELEASE))
-    assert len(errors) == 1 and errors[0].startswith("cell (0,0) region")
-    assert not any(t.x_index * t.side < 3840 and t.y_index * t.side < 3840 for t in tiles)
-    others = [t.image_id for t in large_tiles if t.x_index * t.side >= 3840 or t.y_index * t.side >= 3840]
-    assert others and [t.image_id for t in tiles] == others
-    with pytest.raises(SlideError, match=r"cell \(0,0\)"):
+    assert any(e.startswith("cell (0,0) region") and " of 100 blocks of 384 px unreadable" in e for e in errors)
+    assert all(e.startswith(("cell (0,0)", "thumbnail region")) for e in errors) and len(errors) <= 3, errors
+    corrupt = (256 * column, 256 * row, 256 * column + 256, 256 * row + 256)
+    near = (corrupt[0] - 390, corrupt[1] - 390, corrupt[2] + 390, corrupt[3] + 390)  # one M block around it
+    got = {t.image_id: t for t in tiles}
+    lost = [t for t in reference if t.image_id not in got]
+    assert lost and all(overlaps(t, *near) for t in lost), [t.image_id for t in lost if not overlaps(t, *near)]
+    assert m in lost and any(t.scale == "L" and overlaps(t, *corrupt) for t in lost)
+    assert not any(overlaps(t, *corrupt) for t in tiles if t.scale == "M")
+    assert len(lost) < 0.05 * len(reference)
+    far = [t for t in reference if not overlaps(t, *near)]
+    assert far and all(t.image_id in got for t in far)
+    # cell (0, 0) was read again block by block: the same resampling, up to Pillow's rounding of sub-boxes
+    assert max(np.abs(t.pixels.astype(int) - got[t.image_id].pixels.astype(int)).max() for t in far) <= 1
+    with pytest.raises(SlideError, match=r"cell \(0,0\)|thumbnail"):
         list(iter_slide_tiles(path, slide_stem="large", reader=reader, rule=RELEASE))
 
 

@@ -358,9 +358,11 @@ def _resampled(source, level: int, box: tuple[float, float, float, float], size:
 class _Grid:
     """The standardised slide: its scale, tissue mask and the pixels of one XL cell at a time."""
 
-    def __init__(self, info: SlideInfo, source: _OpenSlideReader | _TiffReader):
+    def __init__(self, info: SlideInfo, source: _OpenSlideReader | _TiffReader,
+                 on_error: Callable[[str], None] | None = None):
         self.info = info
         self.source = source
+        self.on_error = on_error
         self.scale = STANDARD_MPP / info.mpp  # level-0 source pixels per standardised pixel
         self.level = _best_level(source.level_downsamples, self.scale)
         self.thumbnail = self._thumbnail()
@@ -380,10 +382,40 @@ class _Grid:
             bottom = min(mask_h, top + rows_per_band)
             for left in range(0, mask_w, columns_per_piece):
                 right = min(mask_w, left + columns_per_piece)
-                box = (left * step, top * step, right * step, bottom * step)
-                size = (right - left, bottom - top)
-                thumbnail[top:bottom, left:right] = _resampled(self.source, level, box, size, Image.Resampling.BOX)
+                self._thumbnail_piece(thumbnail, level, step, left, top, right, bottom)
         return thumbnail
+
+    def _thumbnail_piece(self, thumbnail: np.ndarray, level: int, step: float,
+                         left: int, top: int, right: int, bottom: int) -> None:
+        """Fill thumbnail[top:bottom, left:right]. When the piece cannot be read (a corrupt tile), its
+        MASK_PX x MASK_PX squares are read one by one and the unreadable ones become glass (no tissue),
+        reported to `on_error`; without `on_error` the error propagates."""
+        def read(x0: int, y0: int, x1: int, y1: int) -> None:
+            box = (x0 * step, y0 * step, x1 * step, y1 * step)
+            thumbnail[y0:y1, x0:x1] = _resampled(self.source, level, box, (x1 - x0, y1 - y0), Image.Resampling.BOX)
+
+        try:
+            return read(left, top, right, bottom)
+        except Exception:
+            self.source.recover()
+            if self.on_error is None:
+                raise
+        lost = 0
+        for y0 in range(top, bottom, MASK_PX):
+            for x0 in range(left, right, MASK_PX):
+                x1, y1 = min(right, x0 + MASK_PX), min(bottom, y0 + MASK_PX)
+                try:
+                    read(x0, y0, x1, y1)
+                except Exception as error:
+                    self.source.recover()
+                    thumbnail[y0:y1, x0:x1] = 255
+                    lost += 1
+                    reason = f"{type(error).__name__}: {error}"
+        if lost:
+            f = self.scale * MASK_PX
+            self.on_error(f"thumbnail region x={left * f:.0f} y={top * f:.0f} w={(right - left) * f:.0f} "
+                          f"h={(bottom - top) * f:.0f}: {lost} square(s) of {MASK_PX * MASK_PX}x{MASK_PX * MASK_PX} standardised px "
+                          f"unreadable, taken as glass ({reason})")
 
     def tissue_fraction(self, x: int, y: int, side: int) -> float:
         """Fraction of the standardised square (x, y, side) that is tissue in the mask."""
@@ -425,8 +457,30 @@ def _area_mean(table: np.ndarray, column: int, row: int, columns: int, rows: int
     return total / (columns * rows)
 
 
-def _mean_colour(pixels: np.ndarray) -> tuple[float, float, float]:
-    """Exact mean colour of an image (integer column sums first: much faster than a float mean)."""
+def _read_blocks(grid: _Grid, x0: int, y0: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """A cell read in blocks of M_SIDE px (each with its own filter margin, so a readable block has the
+    pixels of a whole read up to Pillow's rounding, +-1) and the grid of blocks that could not be read
+    (white in the cell)."""
+    cell = np.full((height, width, 3), 255, np.uint8)
+    bad = np.zeros((-(-height // M_SIDE), -(-width // M_SIDE)), bool)
+    for row, top in enumerate(range(0, height, M_SIDE)):
+        for column, left in enumerate(range(0, width, M_SIDE)):
+            w, h = min(M_SIDE, width - left), min(M_SIDE, height - top)
+            try:
+                cell[top:top + h, left:left + w] = grid.read(x0 + left, y0 + top, w, h)
+            except Exception:
+                grid.source.recover()
+                bad[row, column] = True
+    cell.flags.writeable = False
+    return cell, bad
+
+
+def _mean_colour(pixels: np.ndarray, bad: np.ndarray | None = None) -> tuple[float, float, float]:
+    """Exact mean colour of an image (integer column sums first: much faster than a float mean); without
+    the unreadable M_SIDE blocks marked in `bad` when given."""
+    if bad is not None and bad.any():
+        good = ~np.repeat(np.repeat(bad, M_SIDE, 0), M_SIDE, 1)[:pixels.shape[0], :pixels.shape[1]]
+        return tuple(float(v) for v in pixels[good].mean(axis=0)) if good.any() else (255.0, 255.0, 255.0)
     height, width = pixels.shape[:2]
     sums = pixels.reshape(height, width * 3).sum(axis=0, dtype=np.uint32).reshape(width, 3).sum(axis=0)
     return tuple(float(v) / (height * width) for v in sums)
@@ -463,7 +517,7 @@ def iter_slide_tiles(
     info, source = _open(path, mpp_override, reader)
     try:
         try:
-            grid = _Grid(info, source)
+            grid = _Grid(info, source, on_cell_error)
         except Exception as error:  # any decoder/IO failure of the thumbnail makes the slide unusable
             raise SlideError(info.path, f"cannot read tissue thumbnail ({type(error).__name__}: {error})") from error
         for cy in range(-(-info.std_height // XL_SIDE)):
@@ -492,23 +546,26 @@ def _cell_tiles(grid: _Grid, cx: int, cy: int, slide_stem: str, rule: TissueRule
     if unread:
         return  # no tile of this cell can be kept: never read it
     try:
-        cell = grid.read(x0, y0, width, height)
-    except Exception as error:  # a corrupt region must not stop the slide: skip the cell, report it
+        cell, bad = grid.read(x0, y0, width, height), None
+    except Exception as error:  # a corrupt region must not stop the slide: read the cell block by block
+        grid.source.recover()
         message = (f"cell ({cx},{cy}) region x={x0 * f:.0f} y={y0 * f:.0f} w={width * f:.0f} h={height * f:.0f}: "
                    f"{type(error).__name__}: {error}")
-        grid.source.recover()
         if on_cell_error is None:
             raise SlideError(info.path, message) from error
-        on_cell_error(message)
-        return
+        cell, bad = _read_blocks(grid, x0, y0, width, height)
+        on_cell_error(f"{message}; {int(bad.sum())} of {bad.size} blocks of {M_SIDE} px unreadable, "
+                      f"the tiles touching them are dropped")
 
     s_means = _block_means(cell, S_SIDE) if release else None
-    if release and not keeps_tile(rule, "XL", float(s_fractions.mean()), _mean_colour(cell)):
+    if release and not keeps_tile(rule, "XL", float(s_fractions.mean()), _mean_colour(cell, bad)):
         return  # the release drops the whole XL cell (judged on its part inside the slide)
 
     def kept(scale: str, i: int, j: int) -> Tile | None:
         """The tile of `scale` at cell-relative pixel offset (i, j) when the rule keeps it."""
         side = SCALE_SIDES[scale]
+        if bad is not None and bad[j // M_SIDE:-(-(j + side) // M_SIDE), i // M_SIDE:-(-(i + side) // M_SIDE)].any():
+            return None  # touches an unreadable block
         x, y = x0 + i, y0 + j
         fraction = grid.tissue_fraction(x, y, side)
         if release:  # XL was judged on the whole cell above
