@@ -43,6 +43,9 @@ class RowGroupBytes:
         self.pending = 0
         return True
 ROI_CHUNK_FILES = 2000
+# `source_file` is UTF-8 text: a file whose path is not UTF-8 is refused on its own, named with its odd
+# bytes written as \xNN (`display_name`).
+NOT_UTF8 = "file name is not valid UTF-8: rename it to convert it"
 # Internal columns of unit files: grid indices of a WSI tile at its own scale, and whether a ROI
 # belongs to its source's training split. They are dropped when shards are packed.
 UNIT_SCHEMA = FEATURES.arrow_schema.append(pa.field("_ix", pa.int32())).append(pa.field("_iy", pa.int32())).append(
@@ -96,6 +99,20 @@ def discover_units(entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_
 
 def _wsi_unit_id(relative: Path) -> str:
     return folder_safe(relative.with_suffix("").as_posix().replace("/", "__"))
+
+
+def is_utf8(file: str) -> bool:
+    """Whether a path found on disk decodes as UTF-8 (else Python holds its odd bytes as surrogates)."""
+    try:
+        file.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def display_name(file: str) -> str:
+    """A printable form of any path found on disk: bytes that are not UTF-8 written as \\xNN."""
+    return os.fsencode(file).decode("utf-8", "backslashreplace")
 
 
 def slide_stem(file: str) -> str:
@@ -196,6 +213,9 @@ def _wsi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: 
     from .tissue import TissueRule  # slide readers load only where slides are converted
 
     (file,) = unit.files
+    if not is_utf8(file):
+        failures.append({"file": display_name(file), "reason": NOT_UTF8})
+        return
     meta = _metadata(unit.entry)
     rule = TissueRule(name=options.tissue_rule, min_fraction=options.min_tissue_fraction)
     tiles = iter_slide_tiles(
@@ -238,15 +258,22 @@ def _roi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: 
         train_files = {p.relative_to(source_root).as_posix() for p in (source_root / entry.path).glob(entry.train_pattern)}
     for file in unit.files:
         path = source_root / file
+        if not is_utf8(file):
+            failures.append({"file": display_name(file), "reason": NOT_UTF8})
+            continue
         try:
             roi = convert_roi(path, max_pixels=options.max_roi_pixels)
+            image_bytes = encode_jpeg(roi.pixels, options.jpeg_quality)
         except RoiError as error:
             failures.append({"file": file, "reason": error.reason})
+            continue
+        except Exception as error:  # any other failure of one file costs only that file
+            failures.append({"file": file, "reason": f"{type(error).__name__}: {error}"})
             continue
         label = path.parent.name if entry.label_from == "parent" else None
         stem = Path(file).stem
         yield {
-            "image": {"bytes": encode_jpeg(roi.pixels, options.jpeg_quality), "path": None},
+            "image": {"bytes": image_bytes, "path": None},
             "image_id": f"{label}-{stem}" if label else stem,
             "scale": entry.scale,
             "source_file": file,
