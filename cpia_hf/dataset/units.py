@@ -1,7 +1,7 @@
 """Per-source work units: discovery, fingerprints and conversion of one unit to a cached Parquet file.
 
-A unit is one slide (WSI) or one chunk of ROI files of a sub-dataset. Each unit is converted on
-its own into `<work>/units/<subset>/<unit>.parquet` plus a `.json` record (fingerprint, row count,
+A unit is one slide (WSI: one file, or the files of a multi-file slide, see `slidefiles`) or one chunk
+of ROI files of a sub-dataset. Each unit is converted on its own into `<work>/units/<subset>/<unit>.parquet` plus a `.json` record (fingerprint, row count,
 failures), both written atomically; a rerun skips units whose record matches, so a crash loses at
 most the units in flight and a cluster executor can hand units to different machines.
 """
@@ -23,6 +23,7 @@ from ..standard import STANDARD_MPP
 from .catalog import CatalogEntry, folder_safe, subset_slug
 from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
 from .roi import DEFAULT_MAX_PIXELS, RoiError, convert_roi
+from .slidefiles import group_slide_files
 from .tissue import RuleName
 
 ROW_GROUP_BYTES = 64 * 1024 * 1024
@@ -69,7 +70,7 @@ class ConvertOptions:
 class Unit:
     entry: CatalogEntry
     unit_id: str
-    files: tuple[str, ...]  # posix paths relative to the source root
+    files: tuple[str, ...]  # posix paths relative to the source root; a slide's main file first
 
     @property
     def key(self) -> str:
@@ -91,7 +92,8 @@ def discover_units(entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_
         raise FileNotFoundError(f"{folder}: source folder of '{entry.name}' not found")
     files = sorted(p.relative_to(source_root).as_posix() for p in folder.glob(entry.pattern) if p.is_file())
     if entry.kind == "wsi":
-        return [Unit(entry, _wsi_unit_id(Path(f).relative_to(entry.path)), (f,)) for f in files]
+        return [Unit(entry, _wsi_unit_id(Path(group[0]).relative_to(entry.path)), group)
+                for group in group_slide_files(files, source_root)]
     return [
         Unit(entry, f"roi-{k // roi_chunk:05d}", tuple(files[k : k + roi_chunk])) for k in range(0, len(files), roi_chunk)
     ]
@@ -212,7 +214,7 @@ def _wsi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: 
     from .slides import SlideError, iter_slide_tiles
     from .tissue import TissueRule  # slide readers load only where slides are converted
 
-    (file,) = unit.files
+    file = unit.files[0]  # the main file of a multi-file slide (DICOM series, MIRAX, VMS)
     if not is_utf8(file):
         failures.append({"file": display_name(file), "reason": NOT_UTF8})
         return

@@ -17,7 +17,6 @@ import tifffile
 from PIL import Image, ImageDraw, ImageFilter
 
 
-
 @dataclass(frozen=True)
 class Stain:
     """Colours of a generated slide: glass, light and dark eosin (stroma), haematoxylin (nuclei)."""
