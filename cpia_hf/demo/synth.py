@@ -197,44 +197,38 @@ def write_slide(
     return path
 
 
-def write_claimed_size_tiff(path: Path, width: int, height: int, mpp: float, tile: int = 2048) -> Path:
-    """A small, valid tiled JPEG TIFF claiming `width` x `height` px: every tile entry points at the same
-    light-grey tile (a pixel bomb, for robustness tests). Classic TIFF, so at most ~4 GB of offsets."""
+def write_claimed_size_tiff(path: Path, width: int, height: int, mpp: float, tile: int = 2048,
+                            levels: int = 1) -> Path:
+    """A small, valid tiled JPEG TIFF claiming `width` x `height` px (and `levels` - 1 reduced levels, 4x
+    each): every tile entry points at one light-grey tile. A pixel bomb for robustness tests, or a
+    huge blank slide that is quick to read at its coarse levels. Classic TIFF: offsets below 4 GB."""
     buffer = io.BytesIO()
     Image.new("RGB", (tile, tile), (236, 236, 236)).save(buffer, format="JPEG", quality=90)
     jpeg = buffer.getvalue()
-    count = -(-width // tile) * -(-height // tile)
-    pixels_per_cm = round(1e4 / mpp)
-    entries = [  # (tag, type, values): SHORT=3, LONG=4, RATIONAL=5; YCbCr JPEG, 4:2:0 as Pillow writes it
-        (256, 4, [width]), (257, 4, [height]), (258, 3, [8, 8, 8]), (259, 3, [7]), (262, 3, [6]),
-        (277, 3, [3]), (282, 5, [pixels_per_cm, 1]), (283, 5, [pixels_per_cm, 1]), (284, 3, [1]),
-        (296, 3, [3]), (322, 3, [tile]), (323, 3, [tile]), (324, 4, None), (325, 4, [len(jpeg)] * count),
-        (530, 3, [2, 2]),
-    ]
-    ifd_size = 2 + 12 * len(entries) + 4
-    data, blobs = 8 + ifd_size, []
-    layout = []
-    for tag, kind, values in entries:
-        n = count if tag == 324 else (len(values) // 2 if kind == 5 else len(values))
-        size = {3: 2, 4: 4, 5: 8}[kind] * n
-        if size > 4:
-            layout.append((tag, kind, n, data))
-            blobs.append((tag, kind, values, data))
-            data += size + size % 2
-        else:
-            layout.append((tag, kind, n, values))
-    jpeg_offset = data
-    out = [b"II*\x00", struct.pack("<I", 8), struct.pack("<H", len(entries))]
-    for tag, kind, n, value in layout:
-        if isinstance(value, int):
-            out.append(struct.pack("<HHII", tag, kind, n, value))
-        else:
-            packed = struct.pack(f"<{len(value)}{'H' if kind == 3 else 'I'}", *value)
-            out.append(struct.pack("<HHI", tag, kind, n) + packed.ljust(4, b"\x00"))
-    out.append(struct.pack("<I", 0))
-    for tag, kind, values, _ in blobs:
-        values = [jpeg_offset] * count if tag == 324 else values
-        packed = struct.pack(f"<{len(values)}{'H' if kind == 3 else 'I'}", *values)
-        out.append(packed + b"\x00" * (len(packed) % 2))
-    Path(path).write_bytes(b"".join(out) + jpeg)
+    sizes = [(max(1, width // 4**k), max(1, height // 4**k)) for k in range(levels)]
+    counts = [-(-w // tile) * -(-h // tile) for w, h in sizes]
+    entry_count = 16
+    ifd_bytes = 2 + 12 * entry_count + 4
+    # layout: header, the JPEG tile, then per level: IFD, BitsPerSample, resolutions, offsets, byte counts
+    level_bytes = [ifd_bytes + 6 + 16 + 8 * n for n in counts]
+    jpeg_at = 8
+    ifd_at = [jpeg_at + len(jpeg) + (len(jpeg) % 2) + sum(level_bytes[:k]) for k in range(levels)]
+    out = [b"II*\x00", struct.pack("<I", ifd_at[0]), jpeg + b"\x00" * (len(jpeg) % 2)]
+    for k, ((w, h), n) in enumerate(zip(sizes, counts)):
+        base = ifd_at[k] + ifd_bytes
+        bits_at, xres_at, yres_at, offsets_at, counts_at = base, base + 6, base + 14, base + 22, base + 22 + 4 * n
+        pixels_per_cm = round(1e4 / (mpp * 4**k))
+        entries = [  # (tag, type, count, value or offset): SHORT=3, LONG=4, RATIONAL=5; YCbCr JPEG as Pillow writes
+            (254, 4, 1, 1 if k else 0), (256, 4, 1, w), (257, 4, 1, h), (258, 3, 3, bits_at), (259, 3, 1, 7),
+            (262, 3, 1, 6), (277, 3, 1, 3), (282, 5, 1, xres_at), (283, 5, 1, yres_at), (284, 3, 1, 1),
+            (296, 3, 1, 3), (322, 3, 1, tile), (323, 3, 1, tile), (324, 4, n, offsets_at if n > 1 else jpeg_at),
+            (325, 4, n, counts_at if n > 1 else len(jpeg)), (530, 3, 2, 2 | 2 << 16),
+        ]
+        assert len(entries) == entry_count
+        out.append(struct.pack("<H", entry_count))
+        out += [struct.pack("<HHII", *entry) for entry in entries]
+        out.append(struct.pack("<I", ifd_at[k + 1] if k + 1 < levels else 0))
+        out.append(struct.pack("<3H", 8, 8, 8) + struct.pack("<4I", pixels_per_cm, 1, pixels_per_cm, 1))
+        out.append(struct.pack(f"<{n}I", *[jpeg_at] * n) + struct.pack(f"<{n}I", *[len(jpeg)] * n))
+    Path(path).write_bytes(b"".join(out))
     return Path(path)
