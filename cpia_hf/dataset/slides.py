@@ -50,10 +50,11 @@ FAST_PATH_VENDORS = ("aperio", "generic-tiff")
 # A slide coarser than the standard is upsampled; beyond this factor (MPP > 1.24 um/px) it holds too
 # little detail for the standard's tiles and is refused. 10x scans (~1 um/px) still convert.
 MAX_UPSAMPLING = 2.5
-# Bounds checked from the header, before anything is allocated, so that a worker stays under ~1.5 GB
+# Bounds checked from the header, before anything is allocated, so that a worker stays under 1 GB
 # whatever a file claims. Level 0: at most 2^36 px (e.g. 262,144 x 262,144). Tissue thumbnail, mask and
 # summed-area tables: one pixel per MASK_PX x MASK_PX standardised pixels, at most 2^25 of them
-# (~18 bytes each, +24 under the release rule: <= 1.4 GB), i.e. about 190,000 x 190,000 px at 0.25 um/px.
+# (~12 bytes each, +12 under the release rule; measured peak 0.41 / 0.75 GB at the bound), i.e. about
+# 190,000 x 190,000 px at 0.25 um/px.
 MAX_SLIDE_PIXELS = 2**36
 MAX_MASK_PIXELS = 2**25
 JPEG, RGB, YCBCR = 7, 2, 6  # TIFF Compression and PhotometricInterpretation values
@@ -425,7 +426,7 @@ class _Grid:
         """Mean thumbnail colour of the standardised rectangle (whole mask pixels only)."""
         columns, rows = max(1, width // MASK_PX), max(1, height // MASK_PX)
         if self._colour_integral is None:
-            self._colour_integral = _integral(self.thumbnail, np.int64)
+            self._colour_integral = _integral(self.thumbnail, np.uint32)
         return tuple(_area_mean(self._colour_integral, x // MASK_PX, y // MASK_PX, columns, rows))
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
@@ -443,17 +444,23 @@ class _Grid:
 
 
 def _integral(values: np.ndarray, dtype: type) -> np.ndarray:
-    """Summed-area table with a zero first row and column, accumulated in place (one array of `dtype`)."""
+    """Summed-area table with a zero first row and column, accumulated in place (one array of `dtype`).
+
+    An unsigned table may wrap around: `_area_mean` subtracts in the same modular arithmetic, so a
+    rectangle's sum stays exact while it fits the type (uint32 colour sums: rectangles of up to 16.8M
+    mask pixels, far above an XL cell's 57,600).
+    """
     table = np.zeros((values.shape[0] + 1, values.shape[1] + 1) + values.shape[2:], dtype)
-    np.cumsum(values, axis=0, dtype=dtype, out=table[1:, 1:])
-    np.cumsum(table[1:, 1:], axis=1, out=table[1:, 1:])
+    table[1:, 1:] = values
+    np.cumsum(table, axis=0, out=table)
+    np.cumsum(table, axis=1, out=table)
     return table
 
 
 def _area_mean(table: np.ndarray, column: int, row: int, columns: int, rows: int) -> np.ndarray:
     """Mean of the values in a rectangle of a summed-area table."""
     bottom, right = row + rows, column + columns
-    total = table[bottom, right] - table[row, right] - table[bottom, column] + table[row, column]
+    total = table[bottom, right] - table[row, right] - table[bottom, column] + table[row, column]  # may wrap
     return total / (columns * rows)
 
 
