@@ -85,13 +85,13 @@ def touched_tiles(reads: list[tuple[int, int, int, int, int]], pages: list[tifff
 def convert(path: Path) -> dict:
     """Convert the slide as the converter does; record which source rectangles were decoded."""
     reads = []
-    read = wsi._TiffReader.read
+    read = wsi.TiffJpegReader.read
 
     def recording_read(self, level, x, y, width, height, factor=1):
         reads.append((level, x, y, width, height))
         return read(self, level, x, y, width, height, factor)
 
-    wsi._TiffReader.read = recording_read
+    wsi.TiffJpegReader.read = recording_read
     counts, output_pixels, encode_cpu, encoded_bytes, regions = Counter(), 0, 0.0, 0, []
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     try:
@@ -103,7 +103,7 @@ def convert(path: Path) -> dict:
             output_pixels += tile.side * tile.side
             regions.append((tile.x, tile.y, tile.width, tile.height))
     finally:
-        wsi._TiffReader.read = read
+        wsi.TiffJpegReader.read = read
     return dict(cpu=cpu_seconds() - cpu0, wall=time.perf_counter() - wall0, counts=counts, reads=reads, regions=regions,
                 output_pixels=output_pixels, encode_cpu=encode_cpu, encoded_bytes=encoded_bytes)
 

@@ -11,7 +11,14 @@ are never read, and a cell is resampled in bands of at most BAND_SOURCE_PIXELS s
 from the pyramid level closest to (not coarser than) the standard. TIFF slides with JPEG tiles (Aperio SVS,
 generic tiled TIFF) are decoded directly (tifffile for the layout, Pillow's libjpeg-turbo for the
 pixels, shrunk in the DCT domain when the resampling shrinks by 2 or more) from the tiles a region
-needs; every other format OpenSlide opens is read with `read_region`.
+needs; every other format OpenSlide opens is read with `read_region`. One reader class per backend
+(`OpenSlideReader`, `TiffJpegReader`, same methods); the grid's coordinates (`xl_cells`,
+`tile_offsets`) are apart from reading.
+
+Hostile input is refused from the header with one `SlideError` naming the file and the reason: an MPP
+outside MPP_RANGE or upsampled more than MAX_UPSAMPLING, a TIFF resolution that is a default rather
+than a scan's, a size over MAX_SLIDE_PIXELS or a thumbnail over MAX_MASK_PIXELS. A corrupt tile costs
+only the tiles whose reads touch it.
 """
 from __future__ import annotations
 
@@ -100,8 +107,13 @@ class SlideInfo:
     reader: Literal["tifffile", "openslide"]
 
 
-class _OpenSlideReader:
-    """Regions through OpenSlide's `read_region`, any format it supports."""
+class OpenSlideReader:
+    """Regions through OpenSlide's `read_region`, any format it supports.
+
+    Every reader has the same face: `name`, `level_dimensions`, `level_downsamples`,
+    `read(level, x, y, width, height, factor)` (level pixels averaged `factor` x `factor`, as a Pillow
+    image), `recover()` after a failed read, and `close()`. Where tiles are cut is the grid's business
+    (`xl_cells`, `tile_offsets`), not the reader's."""
 
     name = "openslide"
 
@@ -136,8 +148,9 @@ class _OpenSlideReader:
         self.slide.close()
 
 
-class _TiffReader:
-    """Regions decoded straight from a TIFF's JPEG tiles: only the tiles a region touches are read.
+class TiffJpegReader:
+    """Regions decoded straight from a TIFF's JPEG tiles (the fast path for Aperio SVS and generic tiled
+    TIFF): only the tiles a region touches are read. Same face as `OpenSlideReader`.
 
     Tiles are decoded with Pillow's libjpeg-turbo decoder (faster here than imagecodecs', which
     also clears its output first), shrunk in the DCT domain by the largest power of two (<= 8)
@@ -159,7 +172,7 @@ class _TiffReader:
         self.colorspaces = ["RGB" if p.photometric == RGB and not p.is_jfif else "" for p in pages]
 
     @classmethod
-    def open(cls, path: Path, slide: openslide.OpenSlide) -> _TiffReader | None:
+    def open(cls, path: Path, slide: openslide.OpenSlide) -> TiffJpegReader | None:
         """The fast reader when every OpenSlide level is a JPEG-tiled RGB TIFF page, else None."""
         if slide.properties.get(openslide.PROPERTY_NAME_VENDOR) not in FAST_PATH_VENDORS:
             return None
@@ -239,6 +252,23 @@ class _TiffReader:
         self.tif.close()
 
 
+SlideReader = OpenSlideReader | TiffJpegReader
+
+
+def xl_cells(std_width: int, std_height: int) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """The global grid's XL cells of a standardised slide, row-major: (cx, cy, x0, y0, width, height),
+    width and height clipped to the slide (partial cells at the right and bottom borders)."""
+    for cy in range(-(-std_height // XL_SIDE)):
+        for cx in range(-(-std_width // XL_SIDE)):
+            x0, y0 = cx * XL_SIDE, cy * XL_SIDE
+            yield cx, cy, x0, y0, min(XL_SIDE, std_width - x0), min(XL_SIDE, std_height - y0)
+
+
+def tile_offsets(width: int, height: int, side: int) -> list[tuple[int, int]]:
+    """Offsets (i, j) of the `side` tiles lying fully inside a width x height cell, row-major."""
+    return [(i, j) for j in range(0, height - side + 1, side) for i in range(0, width - side + 1, side)]
+
+
 def _slide_mpp(path: Path, slide: openslide.OpenSlide, mpp_override: float | None) -> float:
     """The catalog MPP when given, else the slide's; never guessed; refused when implausible."""
     if mpp_override is not None:
@@ -285,7 +315,7 @@ def _check_size(path: Path, dimensions: tuple[int, int], mpp: float) -> None:
                                f"over the limit of {MAX_MASK_PIXELS:,}")
 
 
-def _open(path: Path, mpp_override: float | None, reader: ReaderName) -> tuple[SlideInfo, _OpenSlideReader | _TiffReader]:
+def _open(path: Path, mpp_override: float | None, reader: ReaderName) -> tuple[SlideInfo, SlideReader]:
     """Open a slide with the fastest reader that serves it (`reader`: "auto", "tifffile", "openslide")."""
     path = Path(path)
     if reader not in get_args(ReaderName):
@@ -300,7 +330,7 @@ def _open(path: Path, mpp_override: float | None, reader: ReaderName) -> tuple[S
         fast = None
         if reader != "openslide":
             try:
-                fast = _TiffReader.open(path, slide)
+                fast = TiffJpegReader.open(path, slide)
             except (tifffile.TiffFileError, OSError, ValueError) as error:
                 raise SlideError(path, f"cannot read TIFF structure ({type(error).__name__}: {error})") from error
             if fast is None and reader == "tifffile":
@@ -313,8 +343,8 @@ def _open(path: Path, mpp_override: float | None, reader: ReaderName) -> tuple[S
         slide.close()
     scale = STANDARD_MPP / mpp
     info = SlideInfo(path, width, height, mpp, int(width / scale), int(height / scale),
-                     fast.name if fast is not None else _OpenSlideReader.name)
-    return info, fast if fast is not None else _OpenSlideReader(path, slide)
+                     fast.name if fast is not None else OpenSlideReader.name)
+    return info, fast if fast is not None else OpenSlideReader(path, slide)
 
 
 def open_slide_info(path: Path, mpp_override: float | None = None, *, reader: ReaderName = "auto") -> SlideInfo:
@@ -359,7 +389,7 @@ def _resampled(source, level: int, box: tuple[float, float, float, float], size:
 class _Grid:
     """The standardised slide: its scale, tissue mask and the pixels of one XL cell at a time."""
 
-    def __init__(self, info: SlideInfo, source: _OpenSlideReader | _TiffReader,
+    def __init__(self, info: SlideInfo, source: SlideReader,
                  on_error: Callable[[str], None] | None = None):
         self.info = info
         self.source = source
@@ -527,19 +557,17 @@ def iter_slide_tiles(
             grid = _Grid(info, source, on_cell_error)
         except Exception as error:  # any decoder/IO failure of the thumbnail makes the slide unusable
             raise SlideError(info.path, f"cannot read tissue thumbnail ({type(error).__name__}: {error})") from error
-        for cy in range(-(-info.std_height // XL_SIDE)):
-            for cx in range(-(-info.std_width // XL_SIDE)):
-                yield from _cell_tiles(grid, cx, cy, slide_stem, rule, s_per_m, seed, on_cell_error)
+        for xl in xl_cells(info.std_width, info.std_height):
+            yield from _cell_tiles(grid, xl, slide_stem, rule, s_per_m, seed, on_cell_error)
     finally:
         source.close()
 
 
-def _cell_tiles(grid: _Grid, cx: int, cy: int, slide_stem: str, rule: TissueRule, s_per_m: int, seed: int,
-                on_cell_error: Callable[[str], None] | None) -> Iterator[Tile]:
-    """The kept tiles of XL cell (cx, cy)."""
+def _cell_tiles(grid: _Grid, xl: tuple[int, int, int, int, int, int], slide_stem: str, rule: TissueRule,
+                s_per_m: int, seed: int, on_cell_error: Callable[[str], None] | None) -> Iterator[Tile]:
+    """The kept tiles of one XL cell (as `xl_cells` gives it)."""
     info, f = grid.info, grid.scale
-    x0, y0 = cx * XL_SIDE, cy * XL_SIDE
-    width, height = min(XL_SIDE, info.std_width - x0), min(XL_SIDE, info.std_height - y0)
+    cx, cy, x0, y0, width, height = xl
     if width < S_SIDE or height < S_SIDE:
         return
     s_cols, s_rows = width // S_SIDE, height // S_SIDE
@@ -586,11 +614,8 @@ def _cell_tiles(grid: _Grid, cx: int, cy: int, slide_stem: str, rule: TissueRule
         return Tile(scale, side, x // side, y // side, tile_name(slide_stem, side, x // side, y // side),
                     cell[j:j + side, i:i + side], x * f, y * f, side * f, side * f, fraction)
 
-    def positions(side: int) -> list[tuple[int, int]]:
-        """Cell-relative offsets of the `side` tiles lying fully inside the slide, row-major."""
-        return [(i, j) for j in range(0, height - side + 1, side) for i in range(0, width - side + 1, side)]
-
-    tiles = [kept(scale, i, j) for scale in ("XL", "L", "M") for i, j in positions(SCALE_SIDES[scale])]
+    tiles = [kept(scale, i, j) for scale in ("XL", "L", "M")
+             for i, j in tile_offsets(width, height, SCALE_SIDES[scale])]
     yield from (t for t in tiles if t is not None)
     for m in (t for t in tiles if t is not None and t.scale == "M"):
         mi, mj = m.x_index * M_SIDE - x0, m.y_index * M_SIDE - y0
