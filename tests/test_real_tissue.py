@@ -75,3 +75,26 @@ def test_blank_glass_gives_no_tiles(tmp_path):
 def test_card_records_the_tissue_rule(demo_build):
     card = (demo_build / "dataset" / "README.md").read_text()
     assert "Tissue rule `mask`" in card and "thumbnail mask" in card
+
+
+def test_tma_cores_keep_their_tiles(tmp_path):
+    """A tissue micro-array: faint round cores (0.4 mm) on light grey glass, a 20x single-level TIFF.
+    Every M tile mostly inside a core is kept, none on the glass between them."""
+    width, height, mpp = 4000, 3000, 0.499
+    tissue = he_like_image(width, height, seed=21, tissue=1.0, stain=FAINT)
+    pixels = np.full_like(tissue, 235)
+    yy, xx = np.mgrid[0:height, 0:width]
+    centres = [(600 + 1400 * i, 700 + 1500 * j) for i in range(3) for j in range(2)]
+    cores = np.zeros((height, width), bool)
+    for cx, cy in centres:
+        cores |= (xx - cx) ** 2 + (yy - cy) ** 2 <= 400**2
+    pixels[cores] = tissue[cores]
+    path = write_slide(tmp_path / "tma.tiff", pixels, mpp, vendor="generic", levels=1)
+    kept = {(t.x_index, t.y_index) for t in iter_slide_tiles(path, slide_stem="tma") if t.scale == "M"}
+    fractions = true_fractions(cores, mpp, "M")
+    mostly_core = {p for p, v in fractions.items() if v >= 0.5}
+    glass = {p for p, v in fractions.items() if v <= 0.05}
+    assert len(mostly_core) >= 6 and mostly_core <= kept
+    assert glass and not kept & glass
+    centre_tiles = {(round(x * mpp / STANDARD_MPP) // 384, round(y * mpp / STANDARD_MPP) // 384) for x, y in centres}
+    assert centre_tiles <= kept  # each core keeps at least the M tile at its centre
