@@ -1,7 +1,8 @@
 """Building the dataset, in pipeline order.
 
 catalog (the release's sub-datasets) -> slides (one reader per slide backend, the nested grid) and
-tissue (which tiles to keep) -> roi (ROI images) -> units (per-source work, cached) -> shards
+tissue (which tiles to keep) -> roi (ROI images) -> slidefiles (the files of one slide) and units
+(per-source work, cached) -> shards
 (Parquet) -> mini (CPIA-Mini selection) -> card (the dataset card) -> convert (the whole run).
 `cli` holds `cpia convert` and `cpia push`.
 """
