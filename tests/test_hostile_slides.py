@@ -3,9 +3,12 @@ implausible or upsampling MPPs, catalog MPPs, and pixel bombs."""
 from __future__ import annotations
 
 import resource
+import subprocess
+import sys
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import tifffile
 import yaml
@@ -107,3 +110,28 @@ def test_wrapping_summed_area_table_gives_exact_means():
     for column, row, columns, rows in [(0, 0, 10, 10), (37, 80, 15, 16), (140, 110, 10, 10)]:
         expected = values[row:row + rows, column:column + columns].reshape(-1, 3).mean(axis=0)
         assert np.allclose(_area_mean(table, column, row, columns, rows), expected)
+
+
+def test_hostile_slides_are_named_and_their_neighbours_convert(tmp_path):
+    sources = tmp_path / "sources" / "wsi"
+    sources.mkdir(parents=True)
+    write_slide(sources / "good.svs", he_like_image(2048, 1536, seed=7, tissue=0.9), 0.5)
+    write_claimed_size_tiff(sources / "bomb.tiff", 10**6, 10**6, 0.5)
+    tiled_tiff(sources / "boxes.tiff", 300, 250, 72, "INCH")
+    write_slide(sources / "coarse.svs", he_like_image(512, 512, seed=2), 5.0)
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"version": 1, "entries": [
+        {"name": "w", "kind": "wsi", "path": "wsi", "pattern": "*.*", "organ": "skin", "disease": "unknown",
+         "stain": "H&E", "field": "histopathology", "license": "unknown", "homepage": "unknown",
+         "citation": "unknown"}]}))
+    result = subprocess.run([sys.executable, "-m", "cpia_hf.cli", "convert", "--catalog", str(catalog),
+                             "--source-root", str(tmp_path / "sources"), "--out", str(tmp_path / "out"),
+                             "--no-progress", "--configs", "full"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    for name, reason in [("wsi/bomb.tiff", "exceeds the limit"), ("wsi/boxes.tiff", "no MPP"),
+                         ("wsi/coarse.svs", "would be upsampled")]:
+        assert sum(name in line and reason in line for line in lines) == 1, (name, result.stderr)
+    shards = sorted((tmp_path / "out" / "data" / "full").rglob("*.parquet"))
+    files = {f for s in shards for f in pq.read_table(s, columns=["source_file"]).column("source_file").to_pylist()}
+    assert files == {"wsi/good.svs"}

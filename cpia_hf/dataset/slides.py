@@ -370,7 +370,7 @@ def _resampled(source, level: int, box: tuple[float, float, float, float], size:
     When shrinking by k >= 2, the reader first averages k x k (on a grid anchored at the level's
     origin, in the DCT domain where it can) and the filter does the rest of the way. The integer
     rectangle read around `box` carries the filter's support, so that a region resampled in
-    pieces equals the same region resampled whole.
+    pieces equals the same region resampled whole (up to Pillow's rounding of sub-boxes, +-1 level).
     """
     level_w, level_h = source.level_dimensions[level]
     left, top, right, bottom = box
