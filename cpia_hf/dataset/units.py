@@ -1,9 +1,10 @@
 """Per-source work units: discovery, fingerprints and conversion of one unit to a cached Parquet file.
 
 A unit is one slide (WSI: one file, or the files of a multi-file slide, see `slidefiles`) or one chunk
-of ROI files of a sub-dataset. Each unit is converted on its own into `<work>/units/<subset>/<unit>.parquet` plus a `.json` record (fingerprint, row count,
-failures), both written atomically; a rerun skips units whose record matches, so a crash loses at
-most the units in flight and a cluster executor can hand units to different machines.
+of ROI files of a sub-dataset. Each unit is converted on its own into
+`<work>/units/<subset>/<unit>.parquet` plus a `.json` record (fingerprint, row count, failures), both
+written atomically; a rerun skips units whose record matches, so a crash loses at most the units in
+flight and a cluster executor can hand units to different machines.
 """
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ from .slidefiles import group_slide_files
 from .tissue import RuleName
 
 ROW_GROUP_BYTES = 64 * 1024 * 1024
+ROI_CHUNK_FILES = 2000
+# `source_file` is UTF-8 text: a file whose path is not UTF-8 is refused on its own, named with its odd
+# bytes written as \xNN (`display_name`).
+NOT_UTF8 = "file name is not valid UTF-8: rename it to convert it"
+# Internal columns of unit files: grid indices of a WSI tile at its own scale, and whether a ROI
+# belongs to its source's training split. They are dropped when shards are packed.
+UNIT_SCHEMA = FEATURES.arrow_schema.append(pa.field("_ix", pa.int32())).append(pa.field("_iy", pa.int32())).append(
+    pa.field("_train", pa.bool_())
+)
 
 
 class RowGroupBytes:
@@ -43,15 +53,6 @@ class RowGroupBytes:
             return False
         self.pending = 0
         return True
-ROI_CHUNK_FILES = 2000
-# `source_file` is UTF-8 text: a file whose path is not UTF-8 is refused on its own, named with its odd
-# bytes written as \xNN (`display_name`).
-NOT_UTF8 = "file name is not valid UTF-8: rename it to convert it"
-# Internal columns of unit files: grid indices of a WSI tile at its own scale, and whether a ROI
-# belongs to its source's training split. They are dropped when shards are packed.
-UNIT_SCHEMA = FEATURES.arrow_schema.append(pa.field("_ix", pa.int32())).append(pa.field("_iy", pa.int32())).append(
-    pa.field("_train", pa.bool_())
-)
 
 
 @dataclass(frozen=True)
