@@ -443,9 +443,9 @@ class _Grid:
                     lost += 1
                     reason = f"{type(error).__name__}: {error}"
         if lost:
-            f = self.scale * MASK_PX
+            f, square = self.scale * MASK_PX, MASK_PX * MASK_PX
             self.on_error(f"thumbnail region x={left * f:.0f} y={top * f:.0f} w={(right - left) * f:.0f} "
-                          f"h={(bottom - top) * f:.0f}: {lost} square(s) of {MASK_PX * MASK_PX}x{MASK_PX * MASK_PX} standardised px "
+                          f"h={(bottom - top) * f:.0f}: {lost} square(s) of {square}x{square} standardised px "
                           f"unreadable, taken as glass ({reason})")
 
     def tissue_fraction(self, x: int, y: int, side: int) -> float:
