@@ -22,8 +22,9 @@ from PIL import Image
 
 from ..resources import DATASET_CARD_TEMPLATE, read_resource
 from ..schema import FEATURES
-from ..standard import FOLDERS, RELEASE_FOLDERS, SCALE_SIDES, SCALES, STANDARD_MPP, WHITE_LEVEL, stable_unit_float
+from ..standard import FOLDERS, RELEASE_FOLDERS, SCALE_SIDES, SCALES, STANDARD_MPP, stable_unit_float
 from .catalog import CatalogEntry, subset_slug
+from .tissue import WHITE_LEVEL
 from .units import write_atomic
 
 TABLE_COLUMNS = (("wsi", "XL"), ("wsi", "L"), ("roi", "L"), ("wsi", "M"), ("roi", "M"), ("wsi", "S"), ("roi", "S"))
