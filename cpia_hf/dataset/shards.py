@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -24,9 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets.arrow_writer import ParquetWriter
 
+from ..atomic import atomic_path, write_atomic
 from ..schema import COLUMNS, FEATURES
 from ..standard import FOLDER_OF_SCALE
-from .units import RowGroupBytes, read_record, write_atomic
+from .units import RowGroupBytes, read_record
 
 SHARD_BYTES = 500 * 1000 * 1000
 
@@ -54,7 +55,7 @@ class _ShardSeries:
         self.rows = 0
         self._writer: ParquetWriter | None = None
         self._final: Path | None = None
-        self._tmp: Path | None = None
+        self._stack = ExitStack()  # holds the open shard's atomic_path
         self._shard_bytes = 0
         self._pending: list[pa.Table] = []
         self._pending_bytes = 0
@@ -76,10 +77,9 @@ class _ShardSeries:
         if not self._pending:
             return
         if self._writer is None:
-            self.folder.mkdir(parents=True, exist_ok=True)
             self._final = self.folder / f"{self.slug}-{len(self.written):05d}.parquet"
-            self._tmp = self._final.with_name(self._final.name + f".tmp{os.getpid()}")
-            self._writer = ParquetWriter(path=str(self._tmp), features=FEATURES)
+            tmp = self._stack.enter_context(atomic_path(self._final))
+            self._writer = ParquetWriter(path=str(tmp), features=FEATURES)
         table = pa.concat_tables(self._pending)
         self._writer.write_table(table, writer_batch_size=table.num_rows)
         self.rows += table.num_rows
@@ -90,7 +90,7 @@ class _ShardSeries:
 
     def _close_shard(self) -> None:
         self._writer.finalize()
-        os.replace(self._tmp, self._final)
+        self._stack.close()  # renames the temporary file to the shard
         self.written.append(self._final)
         self._writer, self._shard_bytes = None, 0
 
@@ -99,6 +99,13 @@ class _ShardSeries:
         if self._writer is not None:
             self._close_shard()
         return self.written
+
+    def abort(self, error: BaseException) -> None:
+        """Remove the open shard's temporary file after a failure."""
+        if self._writer is not None:
+            with suppress(Exception):
+                self._writer.close()
+        self._stack.__exit__(type(error), error, error.__traceback__)
 
 
 def pack_subset(
@@ -115,14 +122,19 @@ def pack_subset(
     if record and record.get("key") == key and all((config_dir / f).exists() for f in record["files"]):
         return record["rows"]
     series: dict[str, _ShardSeries] = {}
-    for table in iter_unit_batches(unit_files, transform):
-        table = table.select(list(COLUMNS))
-        scales = table.column("scale").to_pylist()
-        for folder in sorted({FOLDER_OF_SCALE[s] for s in scales}):
-            mask = pa.array([FOLDER_OF_SCALE[s] == folder for s in scales])
-            part = table.filter(mask)
-            series.setdefault(folder, _ShardSeries(config_dir / folder / slug, slug)).add(part)
-    written = {folder: s.close() for folder, s in sorted(series.items())}
+    try:
+        for table in iter_unit_batches(unit_files, transform):
+            table = table.select(list(COLUMNS))
+            scales = table.column("scale").to_pylist()
+            for folder in sorted({FOLDER_OF_SCALE[s] for s in scales}):
+                mask = pa.array([FOLDER_OF_SCALE[s] == folder for s in scales])
+                part = table.filter(mask)
+                series.setdefault(folder, _ShardSeries(config_dir / folder / slug, slug)).add(part)
+        written = {folder: s.close() for folder, s in sorted(series.items())}
+    except BaseException as error:
+        for s in series.values():
+            s.abort(error)
+        raise
     rows = {folder: s.rows for folder, s in sorted(series.items())}
     # Remove shards left by an earlier pack of this subset that are no longer part of it.
     keep = {p for paths in written.values() for p in paths}

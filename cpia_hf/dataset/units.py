@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
+from ..atomic import atomic_path, write_atomic
 from ..schema import FEATURES
 from ..standard import STANDARD_MPP
 from .catalog import CatalogEntry, folder_safe, subset_slug
@@ -150,14 +151,6 @@ def read_record(path: Path) -> dict | None:
         return None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write then rename, so a reader never sees a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def convert_unit(unit: Unit, source_root: Path, work_dir: Path, options: ConvertOptions) -> UnitResult:
     """Convert one unit unless its cached record matches; returns rows written and failures."""
     parquet_path, record_path = unit_paths(work_dir, unit)
@@ -173,10 +166,8 @@ def convert_unit(unit: Unit, source_root: Path, work_dir: Path, options: Convert
 
 
 def _write_unit_parquet(path: Path, rows: Iterator[dict]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     count = 0
-    with pq.ParquetWriter(tmp, UNIT_SCHEMA) as writer:
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, UNIT_SCHEMA) as writer:
         batch: list[dict] = []
         groups = RowGroupBytes()
         for row in rows:
@@ -188,7 +179,6 @@ def _write_unit_parquet(path: Path, rows: Iterator[dict]) -> int:
         if batch or count == 0:
             writer.write_table(pa.Table.from_pylist(batch, schema=UNIT_SCHEMA))
             count += len(batch)
-    os.replace(tmp, path)
     return count
 
 

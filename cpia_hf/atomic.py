@@ -1,0 +1,70 @@
+"""Atomic output files: write to a temporary name next to the target, rename on success, remove on failure.
+
+A reader (or a rerun, or `cpia push`) never sees a partial file: either the previous version or the
+new one. Temporary files are named `<name>.tmp<pid>` (`TEMP_GLOB` matches them) and never survive a
+failed write. An OS error while writing an output (disk full, read-only folder, permission) becomes
+`OutputError`, which names the path and the error in one line.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Iterator
+
+TEMP_GLOB = "*.tmp[0-9]*"
+
+
+class OutputError(Exception):
+    """An output file could not be written; str() is one line: the path and the OS error."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(path, reason)
+        self.path, self.reason = path, reason
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.reason}"
+
+    @classmethod
+    def of(cls, path: Path, error: OSError) -> "OutputError":
+        reason = f"[Errno {error.errno}] {os.strerror(error.errno)}" if error.errno else str(error)
+        return cls(str(path), reason)
+
+
+@contextmanager
+def output_errors(path: Path) -> Iterator[None]:
+    """Turn an OSError raised inside the block into an OutputError naming `path`."""
+    try:
+        yield
+    except OSError as error:
+        raise OutputError.of(path, error) from error
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; renamed to `path` when the block succeeds, removed when it fails.
+
+    The caller writes the temporary file; wrap its write calls in `output_errors` so that an OS error
+    names the output. Creating the folder and the final rename are covered here.
+    """
+    with output_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        with output_errors(path):
+            os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path) as tmp, output_errors(path):
+        tmp.write_bytes(data)
