@@ -7,12 +7,14 @@ failed write. An OS error while writing an output (disk full, read-only folder, 
 """
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
 TEMP_GLOB = "*.tmp[0-9]*"
+FREE_SPACE_MARGIN = 16 * 1024 * 1024  # free bytes kept on the output's file system
 
 
 class OutputError(Exception):
@@ -38,6 +40,20 @@ def output_errors(path: Path) -> Iterator[None]:
         yield
     except OSError as error:
         raise OutputError.of(path, error) from error
+
+
+def require_free_space(path: Path, nbytes: int) -> None:
+    """Raise OSError(ENOSPC) when the file system of `path` has fewer than `nbytes` free for this user.
+
+    Used before large writes whose writer cannot fail cleanly (pyarrow 26's Parquet writer with
+    content-defined chunking aborts the whole process, not an exception, when its file fails
+    mid-page), and before work whose output would not fit, so that a full disk stops a run fast.
+    """
+    while not path.exists() and path != path.parent:  # the folder may not exist yet: ask its file system
+        path = path.parent
+    stat = os.statvfs(path)
+    if stat.f_bavail * stat.f_frsize < nbytes:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def temp_path(path: Path) -> Path:

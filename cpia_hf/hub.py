@@ -7,11 +7,13 @@ from pathlib import Path, PurePosixPath
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
+from .atomic import TEMP_GLOB
+
 # Hub repository limits (https://huggingface.co/docs/hub/storage-limits): beyond them, repos become
 # slow or fail to update, so a folder over them is refused before anything is sent.
 HUB_MAX_FILES = 100_000  # files per repo
 HUB_MAX_FOLDER_ENTRIES = 10_000  # files and subfolders directly in one folder
-DATASET_IGNORE_PATTERNS = [".work/**", "*.tmp"]
+DATASET_IGNORE_PATTERNS = [".work/**", "*.tmp", TEMP_GLOB]  # work files and unfinished writes
 
 
 def files_to_upload(folder: Path, ignore_patterns: list[str] | None = None) -> list[str]:

@@ -37,3 +37,12 @@ def test_os_error_while_writing_names_the_output(tmp_path: Path) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
     assert str(caught.value) == f"cannot write {target}: [Errno 28] No space left on device"
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_require_free_space(tmp_path: Path) -> None:
+    from cpia_hf.atomic import require_free_space
+
+    require_free_space(tmp_path, 1)
+    with pytest.raises(OSError) as caught:
+        require_free_space(tmp_path, 1 << 62)
+    assert caught.value.errno == errno.ENOSPC

@@ -24,6 +24,7 @@ from ..resources import DATASET_CARD_TEMPLATE, read_resource
 from ..schema import FEATURES
 from ..standard import FOLDERS, RELEASE_FOLDERS, SCALE_SIDES, SCALES, STANDARD_MPP, stable_unit_float
 from .catalog import CatalogEntry, subset_slug
+from .coverage import count_rows, coverage, coverage_section
 from .tissue import WHITE_LEVEL
 from .units import write_atomic
 
@@ -267,6 +268,8 @@ def write_dataset_card(
                  for e in present_entries],
         paper_url=PAPER_URL, preprint_url=PREPRINT_URL, release_url=RELEASE_URL,
     )
+    if "full" in configs:  # the rebuild against the release's counts
+        body += coverage_section(coverage(count_rows(out_dir / "data" / "full"), entries, options.s_per_m))
     path = out_dir / "README.md"
     write_atomic(path, _card_text(metadata, body).encode())
     write_atomic(out_dir / STATS_FILE, json.dumps(

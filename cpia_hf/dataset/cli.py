@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..atomic import OutputError
 from ..hub import DATASET_IGNORE_PATTERNS, push_folder
 from .catalog import CatalogError, default_catalog_path, load_catalog
 from .cluster import ClusterError
@@ -34,6 +35,8 @@ def configure_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mini-fraction", type=float, default=DEFAULT_MINI_FRACTION,
                         help="share of WSI grid cells taken into mini")
     parser.add_argument("--seed", type=int, default=ConvertOptions.seed)
+    parser.add_argument("--verify-shards", action="store_true",
+                        help="check the SHA-256 of every published shard (default: of those whose size or time changed)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -69,11 +72,15 @@ def run_convert(args: argparse.Namespace) -> int:
             mini_fraction=args.mini_fraction,
             progress=not args.no_progress,
             scheduler=args.scheduler,
+            verify_shards=args.verify_shards,
         )
     except ClusterError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return print_report(report, args.out)
+    except OutputError as error:  # disk full, read-only output, a locked folder: one line, nothing left behind
+        print(f"cpia convert: error: {error}", file=sys.stderr)
+        return 2
+    return print_report(report, args.out, verbose=getattr(args, "verbose", False))
 
 
 def configure_sources(parser: argparse.ArgumentParser) -> None:

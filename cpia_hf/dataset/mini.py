@@ -238,19 +238,25 @@ def interleave(counts: dict[str, int]) -> list[tuple[str, int]]:
 
 
 def pack_mixed(groups: dict[str, list[Path]], mini_dir: Path, work_dir: Path, seed: int, key: str,
-               shard_bytes: int) -> int:
+               shard_bytes: int, *, verify: bool = False, damaged: list[str] | None = None) -> int:
     """Write `mini_dir/mini-NNNNN-<group>.parquet` from the per-subset mini shards; returns the rows written.
 
     Resumable and reproducible: a record under `work_dir/pack` holding `key` (the inputs' pack keys and the
-    seed) skips the work when the shards are in place; otherwise the shards are rebuilt into a temporary
+    seed) skips the work when the shards are intact (`shards.damaged_shards`; a damaged one is appended to
+    `damaged` and the mix is rebuilt); otherwise the shards are rebuilt into a temporary
     folder and moved in, and shards of an earlier mix that are no longer part of it are removed.
     """
+    from .shards import damaged_shards, shard_stamp
     from .units import read_record, write_atomic
 
     record_path = work_dir / "pack" / "mini-mixed.json"
     record = read_record(record_path)
-    if record and record.get("key") == key and all((mini_dir / f).exists() for f in record["files"]):
-        return record["rows"]
+    if record and record.get("key") == key and "shards" in record:
+        found = damaged_shards(mini_dir, record["shards"], verify)
+        if not found:
+            return record["rows"]
+        if damaged is not None:
+            damaged.extend(found)
     tmp_dir = work_dir / "mini-mix"
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
@@ -269,5 +275,7 @@ def pack_mixed(groups: dict[str, list[Path]], mini_dir: Path, work_dir: Path, se
             folder.rmdir()
     shutil.rmtree(tmp_dir)
     rows = sum(pq.ParquetFile(mini_dir / name).metadata.num_rows for name in final)
-    write_atomic(record_path, json.dumps({"key": key, "files": final, "rows": rows}, indent=1).encode())
+    shards = {name: shard_stamp(mini_dir / name) for name in final}
+    write_atomic(record_path, json.dumps({"key": key, "files": final, "shards": shards, "rows": rows},
+                                         indent=1).encode())
     return rows

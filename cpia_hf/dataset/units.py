@@ -3,15 +3,18 @@
 A unit is one slide (WSI: one file, or the files of a multi-file slide, see `slidefiles`) or one chunk
 of ROI files of a sub-dataset. Each unit is converted on its own into
 `<work>/units/<subset>/<unit>.parquet` plus a `.json` record (fingerprint, row count, failures), both
-written atomically; a rerun skips units whose record matches, so a crash loses at most the units in
-flight and a cluster executor can hand units to different machines.
+written atomically; a rerun skips units whose record matches and lists no failure (failed files are
+retried on every run, alone when the rest of their ROI chunk is unchanged; a changed file size or time
+changes the record), so a crash loses at most the units in flight and a cluster executor can hand
+units to different machines.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -19,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import __version__
-from ..atomic import atomic_path, write_atomic
+from ..atomic import FREE_SPACE_MARGIN, atomic_path, output_errors, require_free_space, write_atomic
 from ..schema import FEATURES
-from ..standard import STANDARD_MPP
+from ..standard import SCALE_SIDES, STANDARD_MPP
 from .catalog import CatalogEntry, folder_safe, subset_slug
 from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
 from .roi import DEFAULT_MAX_PIXELS, RoiError, convert_roi
@@ -84,21 +87,42 @@ class UnitResult:
     key: str
     rows: int
     failures: list[dict]
-    skipped: bool = False
+    skipped: bool = False  # already done by an earlier run
+    skipped_files: list[dict] = field(default_factory=list)  # files that gave no row, with the reason
 
 
-def discover_units(entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_CHUNK_FILES) -> list[Unit]:
-    """The units of one catalog entry, in a stable order (sorted relative paths)."""
+def discover_units(
+    entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_CHUNK_FILES, skipped: list[dict] | None = None
+) -> list[Unit]:
+    """The units of one catalog entry, in a stable order (sorted relative paths).
+
+    Paths that match the pattern but are no regular file (a dangling symlink, a folder) are appended
+    to `skipped` as {"file", "reason"}.
+    """
     folder = source_root / entry.path
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: source folder of '{entry.name}' not found")
-    files = sorted(p.relative_to(source_root).as_posix() for p in folder.glob(entry.pattern) if p.is_file())
+    files = []
+    for path in sorted(folder.glob(entry.pattern)):
+        relative = path.relative_to(source_root).as_posix()
+        if path.is_file():
+            files.append(relative)
+        elif skipped is not None:
+            skipped.append({"file": relative, "reason": _not_a_file(path)})
     if entry.kind == "wsi":
         return [Unit(entry, _wsi_unit_id(Path(group[0]).relative_to(entry.path)), group)
                 for group in group_slide_files(files, source_root)]
     return [
         Unit(entry, f"roi-{k // roi_chunk:05d}", tuple(files[k : k + roi_chunk])) for k in range(0, len(files), roi_chunk)
     ]
+
+
+def _not_a_file(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return f"dangling symbolic link (to {os.readlink(path)})"
+    if path.is_dir():
+        return "a folder, not a slide or image file"
+    return "not a regular file"
 
 
 def _wsi_unit_id(relative: Path) -> str:
@@ -151,35 +175,105 @@ def read_record(path: Path) -> dict | None:
         return None
 
 
+def is_current(record: dict | None, fp: str) -> bool:
+    """A unit's record can be reused when its inputs are unchanged and it had no failures: failed files are
+    retried on every run (a fixed permission or a re-downloaded file converts without touching its stats)."""
+    return bool(record) and record.get("fingerprint") == fp and not record.get("failures")
+
+
 def convert_unit(unit: Unit, source_root: Path, work_dir: Path, options: ConvertOptions) -> UnitResult:
     """Convert one unit unless its cached record matches; returns rows written and failures."""
     parquet_path, record_path = unit_paths(work_dir, unit)
     fp = fingerprint(unit, source_root, options)
     record = read_record(record_path)
-    if record and record.get("fingerprint") == fp and parquet_path.exists():
-        return UnitResult(unit.key, record["rows"], record["failures"], skipped=True)
+    if is_current(record, fp) and parquet_path.exists():
+        return UnitResult(unit.key, record["rows"], record["failures"], skipped=True,
+                          skipped_files=record.get("skipped", []))
+    with output_errors(parquet_path):  # a full disk stops the run before the unit's work, not after it
+        require_free_space(parquet_path.parent, FREE_SPACE_MARGIN + ROW_GROUP_BYTES)
     failures: list[dict] = []
-    rows = _unit_rows(unit, source_root, options, failures)
+    if _retry_only_failed(unit, record, fp, parquet_path):
+        rows = _merged_rows(unit, record, parquet_path, source_root, options, failures)
+    else:
+        rows = _unit_rows(unit, source_root, options, failures)
     count = _write_unit_parquet(parquet_path, rows)
-    write_atomic(record_path, json.dumps({"fingerprint": fp, "rows": count, "failures": failures}, indent=1).encode())
-    return UnitResult(unit.key, count, failures)
+    skipped = _empty_slide(unit, source_root, options) if count == 0 and not failures else []
+    record = {"fingerprint": fp, "rows": count, "failures": failures, "skipped": skipped}
+    write_atomic(record_path, json.dumps(record, indent=1).encode())
+    return UnitResult(unit.key, count, failures, skipped_files=skipped)
+
+
+def _retry_only_failed(unit: Unit, record: dict | None, fp: str, parquet_path: Path) -> bool:
+    """An ROI chunk whose inputs are unchanged needs only its failed files converted again."""
+    return unit.entry.kind == "roi" and bool(record) and record.get("fingerprint") == fp and parquet_path.exists()
+
+
+def _merged_rows(
+    unit: Unit, record: dict, parquet_path: Path, source_root: Path, options: ConvertOptions, failures: list[dict]
+) -> Iterator[dict]:
+    """The chunk's cached rows plus those of its failed files converted again, in the chunk's file order
+    (so the packed shards equal those of a clean run)."""
+    failed = {f["file"] for f in record["failures"]}
+    retry = Unit(unit.entry, unit.unit_id, tuple(f for f in unit.files if f in failed))
+    rows = pq.read_table(parquet_path).to_pylist() + list(_unit_rows(retry, source_root, options, failures))
+    order = {file: k for k, file in enumerate(unit.files)}
+    return iter(sorted(rows, key=lambda row: order[row["source_file"]]))
 
 
 def _write_unit_parquet(path: Path, rows: Iterator[dict]) -> int:
+    """Write rows in row groups of about ROW_GROUP_BYTES of images; an empty unit gets an empty file."""
     count = 0
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, UNIT_SCHEMA) as writer:
-        batch: list[dict] = []
-        groups = RowGroupBytes()
-        for row in rows:
-            batch.append(row)
-            if groups.add(len(row["image"]["bytes"])):
-                writer.write_table(pa.Table.from_pylist(batch, schema=UNIT_SCHEMA))
+    with atomic_path(path) as tmp:
+        with output_errors(path):
+            writer = pq.ParquetWriter(tmp, UNIT_SCHEMA)
+        try:
+            for batch in _row_batches(rows):
+                table = pa.Table.from_pylist(batch, schema=UNIT_SCHEMA)
+                with output_errors(path):
+                    writer.write_table(table)
                 count += len(batch)
-                batch = []
-        if batch or count == 0:
-            writer.write_table(pa.Table.from_pylist(batch, schema=UNIT_SCHEMA))
-            count += len(batch)
+        except BaseException:
+            with suppress(Exception):
+                writer.close()
+            raise
+        with output_errors(path):
+            writer.close()
     return count
+
+
+def _row_batches(rows: Iterator[dict]) -> Iterator[list[dict]]:
+    """Rows in row groups closed by RowGroupBytes; an empty unit gives one empty batch."""
+    batch: list[dict] = []
+    groups = RowGroupBytes()
+    emitted = False
+    for row in rows:
+        batch.append(row)
+        if groups.add(len(row["image"]["bytes"])):
+            yield batch
+            emitted = True
+            batch = []
+    if batch or not emitted:
+        yield batch
+
+
+def _empty_slide(unit: Unit, source_root: Path, options: ConvertOptions) -> list[dict]:
+    """Why a slide that converted without error gave no tile: too small, or no tissue under the rule."""
+    if unit.entry.kind != "wsi":
+        return []
+    from .slides import SlideError, open_slide_info
+
+    file = unit.files[0]
+    try:
+        info = open_slide_info(source_root / file, unit.entry.mpp)
+    except SlideError as error:
+        return [{"file": file, "reason": f"no tile kept ({error.reason})"}]
+    side = SCALE_SIDES["M"]
+    if min(info.std_width, info.std_height) < side:
+        reason = (f"no tile kept: too small, {info.std_width}x{info.std_height} px at {STANDARD_MPP} um/px "
+                  f"is less than one M tile ({side} px)")
+    else:
+        reason = f"no tile kept: no tissue found by the '{options.tissue_rule}' tissue rule (blank or faint slide)"
+    return [{"file": file, "reason": reason}]
 
 
 def _metadata(entry: CatalogEntry) -> dict:

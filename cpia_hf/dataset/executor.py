@@ -1,0 +1,159 @@
+"""Local execution of conversion jobs in worker processes, so that a job that kills its worker costs only itself.
+
+Every job runs in a child process, also with one worker: a slide whose decoder segfaults or whose
+memory gets the process killed by the kernel must not take the run down. Jobs go to a
+`ProcessPoolExecutor` with at most `workers` of them in flight; when a worker dies the pool breaks
+(`BrokenProcessPool`) and every job in flight is a suspect. The pool is rebuilt for the remaining
+jobs, and each suspect is retried once, alone in its own process: a suspect that completes there was
+a bystander, one that dies again is the culprit and its result is a `WorkerKilled` naming the signal.
+
+`LocalExecutor.map(fn, arg_tuples, desc, progress)` returns one entry per job, in order: the job's
+return value, or the exception it raised (it never raises itself). A cluster executor with the same
+interface can take its place.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import signal
+import sys
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable
+
+from tqdm.auto import tqdm
+
+from ..atomic import OutputError
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerKilled(Exception):
+    """A job whose worker process died, also when retried alone; str() says how it died."""
+
+
+def death_reason(exitcode: int | None) -> str:
+    """Words for a worker's exit code: `-N` is death by signal N."""
+    if exitcode is None or exitcode >= 0:
+        return f"worker exited with status {exitcode} without a result"
+    number = -exitcode
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = "unknown signal"
+    hint = {signal.SIGKILL: ", probably out of memory", signal.SIGSEGV: ", a crash in native code (decoder)",
+            signal.SIGBUS: ", a crash in native code (decoder)", signal.SIGABRT: ", aborted by native code"}
+    return f"worker killed, signal {number} ({name}){hint.get(number, '')}"
+
+
+class LocalExecutor:
+    """Runs jobs in `workers` child processes with a progress bar; see the module docstring."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+
+    def __enter__(self) -> "LocalExecutor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def map(self, fn: Callable, arg_tuples: list[tuple], desc: str, progress: bool) -> list:
+        bar = tqdm(total=len(arg_tuples), desc=desc, unit="unit", disable=not progress, file=sys.stderr)
+        results: list = [None] * len(arg_tuples)
+        suspects = self._run_pool(fn, arg_tuples, results, bar)
+        for index in suspects:
+            logger.warning("a worker died; retrying %s job %d alone", desc, index)
+            results[index] = run_alone(fn, arg_tuples[index])
+            bar.update()
+        bar.close()
+        return results
+
+    def _run_pool(self, fn: Callable, jobs: list[tuple], results: list, bar) -> list[int]:
+        """Run all jobs; returns the indexes of those in flight when a worker died (not yet done)."""
+        todo = deque(range(len(jobs)))
+        suspects: list[int] = []
+        while todo:
+            with ProcessPoolExecutor(max_workers=self.workers) as pool:
+                running: dict[Future, int] = {}
+                broken = False
+                while (todo or running) and not broken:
+                    broken = not _fill(pool, fn, jobs, todo, running, self.workers)
+                    if broken or not running:
+                        break
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        broken |= _collect(future, running.pop(future), results, suspects, bar)
+                if broken:  # the pool is gone: every job in flight ends as broken (or already finished)
+                    wait(running)
+                    for future, index in running.items():
+                        _collect(future, index, results, suspects, bar)
+        return suspects
+
+
+def _fill(pool: ProcessPoolExecutor, fn: Callable, jobs: list[tuple], todo: deque, running: dict, limit: int) -> bool:
+    """Submit jobs until `limit` are in flight; False when the pool turned out broken (the job stays to do)."""
+    while todo and len(running) < limit:
+        index = todo.popleft()
+        try:
+            running[pool.submit(_call, fn, jobs[index])] = index
+        except BrokenProcessPool:
+            todo.appendleft(index)
+            return False
+    return True
+
+
+def _collect(future: Future, index: int, results: list, suspects: list[int], bar) -> bool:
+    """Store a finished future's result; True when it broke with the pool."""
+    try:
+        results[index] = future.result()
+    except BrokenProcessPool:
+        suspects.append(index)
+        return True
+    bar.update()
+    return False
+
+
+def run_alone(fn: Callable, args: tuple):
+    """Run one job in a fresh child process; its result, its exception, or WorkerKilled when the child dies."""
+    context = multiprocessing.get_context()
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(sender, fn, args), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        result = receiver.recv()
+    except EOFError:  # the child died before sending anything
+        result = None
+    finally:
+        receiver.close()
+        process.join()
+    if result is None and process.exitcode != 0:
+        return WorkerKilled(death_reason(process.exitcode))
+    return result[0] if result is not None else None
+
+
+def _child(sender, fn: Callable, args: tuple) -> None:
+    sender.send((_call(fn, args),))
+    sender.close()
+
+
+def _call(fn: Callable, args: tuple):
+    """Run one job; an exception is returned (picklable), not raised, so it costs only this job."""
+    try:
+        return fn(*args)
+    except OutputError as error:  # the caller stops the run and prints it in one line
+        return error
+    except Exception as error:  # one unit's unexpected error must not stop the others
+        logger.exception("%s failed", getattr(fn, "__name__", fn))
+        return _picklable(error)
+
+
+def _picklable(error: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
