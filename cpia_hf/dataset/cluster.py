@@ -74,9 +74,8 @@ def _worker_version() -> str:
 
 def _rows(result) -> int:
     """Rows of a task's output: a unit's row count (done now or before), or a packing's rows over its folders."""
-    if isinstance(result, dict):
-        return sum(result.values())
-    return getattr(result, "rows", 0)
+    rows = result if isinstance(result, dict) else getattr(result, "rows", 0)  # UnitResult or PackResult
+    return sum(rows.values()) if isinstance(rows, dict) else rows
 
 
 class DaskExecutor:
