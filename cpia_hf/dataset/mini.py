@@ -27,9 +27,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..atomic import write_atomic
 from ..standard import MINI_SIDE, SCALE_SIDES, STANDARD_MPP, stable_unit_float
 from .catalog import CatalogEntry
 from .imageio import encode_jpeg
+from .shards import ShardSeries, damaged_shards, shard_stamp
+from .units import read_record
 
 DEFAULT_MINI_FRACTION = 0.04
 M_PER_CELL = 32
@@ -193,8 +196,6 @@ def row_ranks(files: list[Path], seed: int) -> list[list[int]]:
 
 def mix_group(files: list[Path], tmp_dir: Path, group: str, seed: int, shard_bytes: int) -> list[Path]:
     """Shuffle the rows of `files` into ceil(bytes / shard_bytes) shards under `tmp_dir`; returns them in order."""
-    from .shards import _ShardSeries
-
     ranks = row_ranks(files, seed)
     total = sum(len(r) for r in ranks)
     if total == 0:
@@ -223,7 +224,7 @@ def mix_group(files: list[Path], tmp_dir: Path, group: str, seed: int, shard_byt
         bucket = buckets / f"{shard:05d}.parquet"
         table = pq.read_table(bucket)
         table = table.take(pc.sort_indices(table, [("_rank", "ascending")])).drop_columns(["_rank"])
-        series = _ShardSeries(tmp_dir, f"{group}-{shard:05d}", shard_bytes=2**62)
+        series = ShardSeries(tmp_dir, f"{group}-{shard:05d}", shard_bytes=2**62)
         series.add(table)
         written.extend(series.close())
         bucket.unlink()
@@ -246,9 +247,6 @@ def pack_mixed(groups: dict[str, list[Path]], mini_dir: Path, work_dir: Path, se
     `damaged` and the mix is rebuilt); otherwise the shards are rebuilt into a temporary
     folder and moved in, and shards of an earlier mix that are no longer part of it are removed.
     """
-    from .shards import damaged_shards, shard_stamp
-    from .units import read_record, write_atomic
-
     record_path = work_dir / "pack" / "mini-mixed.json"
     record = read_record(record_path)
     if record and record.get("key") == key and "shards" in record:

@@ -48,7 +48,7 @@ def iter_unit_batches(unit_files: Iterable[Path], transform: RowFilter | None = 
                 yield table
 
 
-class _ShardSeries:
+class ShardSeries:
     """Consecutive shards of one (folder, subset): rolls over at SHARD_BYTES, row groups at ROW_GROUP_BYTES."""
 
     def __init__(self, folder: Path, slug: str, shard_bytes: int = SHARD_BYTES):
@@ -163,7 +163,7 @@ def pack_subset(
 def _write_shards(
     unit_files: list[Path], config_dir: Path, slug: str, transform: RowFilter | None
 ) -> tuple[dict[str, list[Path]], dict[str, int]]:
-    series: dict[str, _ShardSeries] = {}
+    series: dict[str, ShardSeries] = {}
     try:
         for table in iter_unit_batches(unit_files, transform):
             table = table.select(list(COLUMNS))
@@ -171,7 +171,7 @@ def _write_shards(
             for folder in sorted({FOLDER_OF_SCALE[s] for s in scales}):
                 mask = pa.array([FOLDER_OF_SCALE[s] == folder for s in scales])
                 part = table.filter(mask)
-                series.setdefault(folder, _ShardSeries(config_dir / folder / slug, slug)).add(part)
+                series.setdefault(folder, ShardSeries(config_dir / folder / slug, slug)).add(part)
         written = {folder: s.close() for folder, s in sorted(series.items())}
     except BaseException as error:
         for s in series.values():
