@@ -4,16 +4,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 import yaml
 from datasets import load_dataset
+from interrupt import kill_after_first_unit
 from PIL import Image
 
 from cpia_hf.dataset.catalog import load_catalog
@@ -176,14 +175,7 @@ def test_kill_then_rerun_equals_clean_run(demo_build: Path, tmp_path: Path) -> N
     out = tmp_path / "dataset"
     command = [sys.executable, "-m", "cpia_hf.cli", "convert", "--catalog", str(demo_build / "sources" / "catalog.yaml"),
                "--source-root", str(demo_build / "sources"), "--out", str(out), "--workers", "1", "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((out / ".work" / "units").rglob("*.json")):
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert list((out / ".work" / "units").rglob("*.json")), "no unit finished before the kill"
-    assert not (out / "README.md").exists(), "the run finished before it was killed"
+    kill_after_first_unit(command, out)
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert tree_digest(out) == tree_digest(demo_build / "dataset")
