@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jinja2
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from matplotlib.figure import Figure
@@ -178,10 +179,16 @@ def tissue_crop(image: Image.Image, side: int) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def load_image(row: dict) -> Image.Image:
-    table = pq.ParquetFile(row["path"]).read_row_group(row["group"], columns=["image"])
-    data = table.column("image")[row["index"]].as_py()["bytes"]
-    return Image.open(io.BytesIO(data)).convert("RGB")
+def load_images(rows: list[dict]) -> list[Image.Image]:
+    """The (still encoded, lazily decoded) images of gallery rows; each shard row group is read once."""
+    groups: dict[tuple[Path, int], pa.Array] = {}
+    images = []
+    for row in rows:
+        where = (row["path"], row["group"])
+        if where not in groups:
+            groups[where] = pq.ParquetFile(row["path"]).read_row_group(row["group"], columns=["image"]).column("image")
+        images.append(Image.open(io.BytesIO(groups[where][row["index"]]["bytes"].as_py())))
+    return images
 
 
 def gallery(rows: list[dict], scale: str, path: Path) -> list[dict]:
@@ -193,15 +200,21 @@ def gallery(rows: list[dict], scale: str, path: Path) -> list[dict]:
     sheet = Image.new("RGB", ((GALLERY_TILE + 4) * min(per_row, len(rows)) - 4, (GALLERY_TILE + 4) * lines - 4),
                       "white")
     captions = []
-    for k, row in enumerate(rows):
-        original = load_image(row)
-        image = tissue_crop(original, GALLERY_CROP.get(scale, 10**9))
+    crop = GALLERY_CROP.get(scale, 10**9)
+    for k, (row, encoded) in enumerate(zip(rows, load_images(rows))):
+        full_size = encoded.size
+        # a JPEG is decoded shrunk in the DCT domain (1/2, 1/4, 1/8) as far as the crop still has GALLERY_TILE px
+        reduce = max((r for r in (1, 2, 4, 8) if min(crop, *full_size) >= r * GALLERY_TILE), default=1)
+        encoded.draft("RGB", (full_size[0] // reduce, full_size[1] // reduce))
+        original = encoded.convert("RGB")
+        reduce = full_size[0] / original.width  # what the decoder did
+        image = tissue_crop(original, round(crop / reduce))
         tile = image.resize((GALLERY_TILE, GALLERY_TILE), Image.Resampling.LANCZOS)
         sheet.paste(tile, ((k % per_row) * (GALLERY_TILE + 4), (k // per_row) * (GALLERY_TILE + 4)))
         captions.append({"subset": row["subset"], "organ": row["organ"], "image_id": row["image_id"],
-                         "crop": image.width if image.size != original.size else None})
+                         "crop": round(image.width * reduce) if image.size != original.size else None})
     buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG")
+    sheet.save(buffer, format="PNG", compress_level=1)  # a photo sheet: level 1 is 10x faster, ~10 % larger
     write_atomic(path, buffer.getvalue())
     return captions
 

@@ -215,7 +215,9 @@ def mix_group(files: list[Path], tmp_dir: Path, group: str, seed: int, shard_byt
             for shard in sorted(set(shard_of)):
                 part = table.filter(pa.array([s == shard for s in shard_of]))
                 if shard not in writers:
-                    writers[shard] = pq.ParquetWriter(buckets / f"{shard:05d}.parquet", part.schema)
+                    # temporary files read once: plain and uncompressed is cheapest (JPEG bytes do not shrink)
+                    writers[shard] = pq.ParquetWriter(buckets / f"{shard:05d}.parquet", part.schema,
+                                                      compression="none", use_dictionary=False)
                 writers[shard].write_table(part)
     for writer in writers.values():
         writer.close()

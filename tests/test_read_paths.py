@@ -1,0 +1,156 @@
+"""The conversion's fast paths: OpenCV resampling, each source tile decoded once within a bounded cache,
+only the blocks under kept tiles read (mask rule), strided tile encoding and plain image columns in unit files."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cpia_hf.dataset import slides as wsi
+from cpia_hf.dataset.catalog import CatalogEntry
+from cpia_hf.dataset.imageio import rgb_image
+from cpia_hf.dataset.slides import iter_slide_tiles
+from cpia_hf.dataset.tissue import TissueRule
+from cpia_hf.dataset.units import ConvertOptions, Unit, convert_unit
+from cpia_hf.demo.synth import he_like_image, write_slide
+
+MASK = TissueRule("mask")
+
+
+@pytest.fixture(scope="module")
+def two_by_two_slide(tmp_path_factory):
+    """8600x8000 px at 0.25 um/px: 4350x4046 standardised, 2x2 XL cells (three partial), DCT 1/2 decode."""
+    path = tmp_path_factory.mktemp("cells") / "cells.svs"
+    return write_slide(path, he_like_image(8600, 8000, seed=3, tissue=0.9), 0.25)
+
+
+@pytest.fixture(scope="module")
+def corner_slide(tmp_path_factory):
+    """4200x4000 px at 0.5 um/px, white glass but for a 1100x1000 px tissue patch in the top-left corner."""
+    pixels = np.full((4000, 4200, 3), 236, np.uint8)
+    pixels[:1000, :1100] = he_like_image(1100, 1000, seed=4, tissue=1.0)
+    return write_slide(tmp_path_factory.mktemp("corner") / "corner.tiff", pixels, 0.5, vendor="generic")
+
+
+@pytest.mark.parametrize("box, size", [
+    ((3.25, 7.6, 3.25 + 120 * 0.6, 7.6 + 90 * 0.6), (120, 90)),  # enlarging 1.67x from a fractional origin
+    ((10.5, 0.0, 10.5 + 200 * 0.978, 150 * 0.978), (200, 150)),  # the remainder of 0.2527 um/px after DCT 1/2
+    ((0.0, 0.0, 256.0, 192.0), (256, 192)),  # unit scale: a copy
+])
+def test_opencv_enlarging_matches_pillow_bilinear(box, size):
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 260, 3), np.uint8))
+    expected = np.asarray(source.resize(size, Image.Resampling.BILINEAR, box=box)).astype(int)
+    canvas = np.zeros((size[1] + 10, size[0] + 20, 3), np.uint8)
+    result = wsi.resample_image(source, box, size, out=canvas[5:5 + size[1], 7:7 + size[0]])
+    assert np.shares_memory(result, canvas)  # written in place, into a view with the canvas' row stride
+    assert np.abs(canvas[5:5 + size[1], 7:7 + size[0]].astype(int) - expected).max() <= 1
+    assert not canvas[:5].any() and not canvas[:, :7].any()  # nothing written outside the view
+
+
+def test_shrinking_keeps_pillow_antialiasing():
+    source = Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 260, 3), np.uint8))
+    box = (1.5, 2.5, 1.5 + 100 * 1.3, 2.5 + 80 * 1.3)
+    expected = np.asarray(source.resize((100, 80), Image.Resampling.BILINEAR, box=box))
+    assert np.array_equal(wsi.resample_image(source, box, (100, 80)), expected)
+
+
+def record_decodes(monkeypatch) -> tuple[Counter, list[int]]:
+    """Count every tile decode by (level, index, shrink), and the reader's cache size after each `forget`."""
+    decodes: Counter = Counter()
+    kept_after_forget: list[int] = []
+    decode, forget, close = wsi.TiffJpegReader._decode, wsi.TiffJpegReader.forget, wsi.TiffJpegReader.close
+
+    def counting_decode(self, level, index, shrink):
+        decodes[(level, index, shrink)] += 1
+        return decode(self, level, index, shrink)
+
+    def recording_forget(self, level, right, bottom):
+        forget(self, level, right, bottom)
+        kept_after_forget.append(len(self.decoded))
+
+    def recording_close(self):
+        kept_after_forget.append(len(self.decoded))  # what the last cell left
+        close(self)
+
+    monkeypatch.setattr(wsi.TiffJpegReader, "_decode", counting_decode)
+    monkeypatch.setattr(wsi.TiffJpegReader, "close", recording_close)
+    monkeypatch.setattr(wsi.TiffJpegReader, "forget", recording_forget)
+    return decodes, kept_after_forget
+
+
+def test_each_source_tile_is_decoded_once_and_the_cache_stays_bounded(two_by_two_slide, monkeypatch):
+    decodes, kept_after_forget = record_decodes(monkeypatch)
+    tiles = list(iter_slide_tiles(two_by_two_slide, slide_stem="cells", rule=MASK))
+    assert Counter(t.scale for t in tiles)["XL"] >= 1
+    level0 = [key for key in decodes if key[0] == 0]
+    assert len(level0) > 500  # the cells were read from level 0 (34 x 32 tiles of 256 px)
+    assert max(decodes.values()) == 1, [key for key, n in decodes.items() if n > 1][:5]
+    # After each cell only the tiles the next cells share are kept: at most a tile row across the slide
+    # and a tile column down a cell (plus their filter margins), never a whole cell (~30 x 30 tiles).
+    across, down = -(-8600 // 256), -(-8000 // 256)
+    assert len(kept_after_forget) >= 4 + 1 and max(kept_after_forget) <= 2 * across + 2 * down
+    assert kept_after_forget[-1] == 0  # nothing is needed after the last cell
+
+
+def test_forget_keeps_only_tiles_right_of_or_below_the_next_reads(two_by_two_slide):
+    info, reader = wsi._open(two_by_two_slide, None, "tifffile")
+    try:
+        across = -(-reader.level_dimensions[0][0] // 256)
+        reader.read(0, 0, 0, 1200, 1100)  # tiles of rows 0-4 and columns 0-4
+        assert len(reader.decoded) == 25
+        reader.forget(0, 3 * 256 + 10, 3 * 256 + 10)  # keep what reaches past x=778 or y=778
+        kept = {divmod(index, across) for _, index, _ in reader.decoded}
+        assert kept == {(row, column) for row in range(5) for column in range(5) if row >= 3 or column >= 3}
+        reader.forget(0, float("inf"), float("inf"))
+        assert reader.decoded == {}
+    finally:
+        reader.close()
+
+
+def test_mask_rule_reads_only_the_blocks_under_kept_tiles(corner_slide, monkeypatch):
+    decodes, _ = record_decodes(monkeypatch)
+    tiles = list(iter_slide_tiles(corner_slide, slide_stem="corner", rule=MASK))
+    assert tiles and not [t for t in tiles if t.scale == "XL"]
+    # kept tiles lie on the tissue patch (1100x1000 source px = ~1113x1012 standardised)
+    assert max(t.x + t.width for t in tiles) <= 1100 + 400 and max(t.y + t.height for t in tiles) <= 1000 + 400
+    level0 = [key for key in decodes if key[0] == 0]
+    total = -(-4200 // 256) * -(-4000 // 256)
+    # 2x2 of the cell's 4x4 read blocks hold kept tiles: a quarter of the slide's tiles, not all of them
+    assert 0 < len(level0) <= 0.3 * total
+    # and each kept tile has exactly the pixels of a whole-cell read (blocks are a grid fixed in the cell)
+    info, reader = wsi._open(corner_slide, None, "auto")
+    try:
+        whole = wsi._Grid(info, reader).read_cell(0, 0, wsi.XL_SIDE, wsi.XL_SIDE)
+    finally:
+        reader.close()
+    for tile in tiles:
+        left, top = tile.x_index * tile.side, tile.y_index * tile.side
+        assert np.array_equal(tile.pixels, whole[top:top + tile.side, left:left + tile.side]), tile.image_id
+
+
+@pytest.mark.parametrize("rows, columns", [(slice(0, 500), slice(0, 700)), (slice(10, 106), slice(20, 116)),
+                                           (slice(499, 500), slice(699, 700)), (slice(3, 100), slice(5, 6))])
+def test_rgb_image_of_a_view_has_its_pixels(rows, columns):
+    cell = np.random.default_rng(2).integers(0, 256, (500, 700, 3), np.uint8)
+    view = cell[rows, columns]
+    assert np.array_equal(np.asarray(rgb_image(view)), view)
+    assert np.array_equal(np.asarray(rgb_image(cell[::2, ::3])), cell[::2, ::3])  # other strides: copied
+
+
+def test_unit_files_store_images_plain_and_uncompressed(two_by_two_slide, tmp_path):
+    entry = CatalogEntry(name="cells", kind="wsi", path=".", pattern="*.svs", organ="breast", disease="unknown",
+                         stain="H&E", field="histopathology", license="unknown", homepage="unknown",
+                         citation="unknown")
+    unit = Unit(entry, "cells", (two_by_two_slide.name,))
+    result = convert_unit(unit, two_by_two_slide.parent, tmp_path, ConvertOptions(s_per_m=1))
+    path = next((tmp_path / "units").rglob("*.parquet"))
+    metadata = pq.ParquetFile(path).metadata
+    assert metadata.num_rows == result.rows > 0
+    columns = {metadata.row_group(0).column(i).path_in_schema: metadata.row_group(0).column(i)
+               for i in range(metadata.num_columns)}
+    image = columns["image.bytes"]
+    assert image.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in image.encodings
+    assert "RLE_DICTIONARY" in columns["subset"].encodings and columns["subset"].compression == "SNAPPY"
