@@ -23,7 +23,16 @@ from .mini import (
     wsi_transform,
 )
 from .outlock import output_lock
-from .shards import SHARD_BYTES, PackResult, pack_key, pack_subset
+from .shards import (
+    SHARD_BYTES,
+    PackResult,
+    ShardPlan,
+    pack_key,
+    pack_subset,
+    plan_shards,
+    remove_unplanned,
+    write_planned_shard,
+)
 from .units import ConvertOptions, Unit, UnitResult, convert_unit, discover_units, read_record, unit_paths
 
 CONFIGS = ("full", "mini")
@@ -134,20 +143,40 @@ def _pack(
     work_dir = out_dir / ".work"
     done = {e.name: _unit_files(work_dir, [u for u in units if u.entry is e]) for e in entries}
     if "full" in configs:
-        jobs = [
-            (files, out_dir / "data" / "full", e, work_dir, key, None, options, verify)
-            for e, (files, key) in _keyed(entries, done, "full")
-        ]
-        report.rows["full"] = _sum_rows(executor.map(_pack_job, jobs, "pack full", progress), report)
+        report.rows["full"] = _pack_full(executor, entries, done, out_dir / "data" / "full", work_dir / "pack" / "full",
+                                         verify, progress, report)
     if "mini" in configs:
         quota = mini_cells(entries, {name: files for name, (files, _) in done.items()}, mini_fraction)
         jobs = [
             (files, work_dir / MINI_SUBSETS, e, work_dir, pack_key(key, quota.get(e.name)), quota.get(e.name),
              options, verify)
-            for e, (files, key) in _keyed(entries, done, "mini")
+            for e, (files, key) in _mini_keys(entries, done)
         ]
-        report.rows["mini"] = _sum_rows(executor.map(_pack_job, jobs, "pack mini", progress), report)
+        report.rows["mini"] = _sum_rows(executor.map(_pack_mini_job, jobs, "pack mini", progress), report)
         _mix_mini(entries, out_dir, work_dir, jobs, options.seed, verify, report)
+
+
+def _pack_full(executor, entries: list[CatalogEntry], done: dict, config_dir: Path, record_dir: Path, verify: bool,
+               progress: bool, report: ConvertReport) -> dict[str, int]:
+    """Plan every subset's shards (a job per subset, reading only the unit files' image sizes), write each shard as
+    a job of its own, then remove the shards no longer planned."""
+    slugs = [subset_slug(e.name) for e in entries]
+    plan_jobs = [(files, [r["fingerprint"] for r in records], slug)
+                 for (files, records), slug in zip((done[e.name] for e in entries), slugs)]
+    planned = executor.map(plan_shards, plan_jobs, "plan full", progress)
+    _stop_on_output_error(planned)
+    plans: list[ShardPlan] = []
+    for entry, slug, result in zip(entries, slugs, planned):
+        if isinstance(result, BaseException):
+            report.failures.append({"subset": entry.name, "file": "", "reason": f"planning shards failed: {_reason(result)}"})
+            continue
+        plans.extend(result)
+    rows = _sum_rows(executor.map(write_planned_shard, [(p, config_dir, record_dir, verify) for p in plans],
+                                  "pack full", progress), report)
+    for entry, slug, result in zip(entries, slugs, planned):
+        if not isinstance(result, BaseException):
+            remove_unplanned(config_dir, record_dir, result, slug)
+    return rows
 
 
 def _executor(workers: int, scheduler: str | None):
@@ -182,15 +211,15 @@ def _unit_files(work_dir: Path, units: list[Unit]) -> tuple[list[Path], list[dic
     return files, records
 
 
-def _keyed(entries: list[CatalogEntry], done: dict, config: str):
+def _mini_keys(entries: list[CatalogEntry], done: dict):
     for entry in entries:
         files, records = done[entry.name]
-        yield entry, (files, pack_key(config, records))
+        yield entry, (files, pack_key("mini", records))
 
 
-def _pack_job(
+def _pack_mini_job(
     files: list[Path],
-    config_dir: Path,
+    mini_subsets_dir: Path,
     entry: CatalogEntry,
     work_dir: Path,
     key: str,
@@ -198,17 +227,15 @@ def _pack_job(
     options: ConvertOptions,
     verify: bool = False,
 ) -> PackResult:
-    """One subset's packing; top-level so that it can run in a worker process."""
-    config = config_dir.name
-    transform = None
-    if config == MINI_SUBSETS:
-        if entry.kind == "wsi":
-            selected = select_wsi_tiles(read_tile_index(files), entry.name, mini_cell_count or 0, options.seed)
-            transform = wsi_transform(selected, options.jpeg_quality)
-        else:
-            transform = roi_transform(entry, options.jpeg_quality)
+    """One subset's mini shards (its selected cells or train ROIs, resized) under .work/mini-subsets, mixed across
+    subsets afterwards; top-level so that it can run in a worker process."""
+    if entry.kind == "wsi":
+        selected = select_wsi_tiles(read_tile_index(files), entry.name, mini_cell_count or 0, options.seed)
+        transform = wsi_transform(selected, options.jpeg_quality)
+    else:
+        transform = roi_transform(entry, options.jpeg_quality)
     slug = subset_slug(entry.name)
-    return pack_subset(files, config_dir, slug, work_dir / "pack" / config, key, transform, verify)
+    return pack_subset(files, mini_subsets_dir, slug, work_dir / "pack" / MINI_SUBSETS, key, transform, verify)
 
 
 def _stop_on_output_error(results: list) -> None:

@@ -11,6 +11,12 @@ content-defined chunking so re-uploads deduplicate on the Hub's storage). Sizes,
 Packing is a pure function of the unit files (sorted by unit id), so a rerun writes byte-identical
 shards; a pack record skips the work entirely when nothing changed, and a published shard found
 damaged (size, or SHA-256 when its time changed) is rebuilt.
+
+The `full` config is packed shard by shard: where each shard of a (folder, subset) series starts and
+ends follows from the image sizes in the unit records alone (`plan_shards` applies the rolling rule
+of `ShardSeries` to them), so every shard is an independent job (`write_planned_shard`), run in
+parallel locally or on a cluster, and gives the bytes a sequential `ShardSeries` would. A subset
+of terabytes (TCGA) is then not one serial job at the end of a run.
 """
 from __future__ import annotations
 
@@ -28,8 +34,8 @@ from datasets.arrow_writer import ParquetWriter
 
 from ..atomic import FREE_SPACE_MARGIN, atomic_path, output_errors, require_free_space, write_atomic
 from ..schema import COLUMNS, FEATURES
-from ..standard import FOLDER_OF_SCALE
-from .units import RowGroupBytes, read_record
+from ..standard import FOLDER_OF_SCALE, FOLDERS
+from .units import ROW_GROUP_BYTES, RowGroupBytes, read_record
 
 SHARD_BYTES = 500 * 1000 * 1000
 
@@ -48,30 +54,57 @@ def iter_unit_batches(unit_files: Iterable[Path], transform: RowFilter | None = 
                 yield table
 
 
-class ShardSeries:
-    """Consecutive shards of one (folder, subset): rolls over at SHARD_BYTES, row groups at ROW_GROUP_BYTES."""
+class Rolling:
+    """The rolling rule of a shard series, on image sizes alone: a row group closes when RowGroupBytes says so, a
+    shard at the first row-group close that brings it to `shard_bytes` or more."""
 
-    def __init__(self, folder: Path, slug: str, shard_bytes: int = SHARD_BYTES):
+    def __init__(self, shard_bytes: int = SHARD_BYTES, group_bytes: int = ROW_GROUP_BYTES):
+        self.shard_bytes = shard_bytes
+        self.groups = RowGroupBytes(group_bytes)
+        self.shard = 0  # image bytes of the open shard's closed row groups
+        self.pending = 0  # image bytes of the open row group
+
+    def add(self, size: int) -> tuple[bool, bool]:
+        """Count one row; (its row group closes after it, its shard closes after it)."""
+        self.pending += size
+        if not self.groups.add(size):
+            return False, False
+        self.shard, self.pending = self.shard + self.pending, 0
+        if self.shard < self.shard_bytes:
+            return True, False
+        self.shard = 0
+        return True, True
+
+
+class ShardSeries:
+    """Consecutive shards of one (folder, subset): rolls over at SHARD_BYTES, row groups at ROW_GROUP_BYTES.
+    `first_index` numbers the first shard (a planned shard is written alone by a series of its own)."""
+
+    def __init__(self, folder: Path, slug: str, shard_bytes: int = SHARD_BYTES, first_index: int = 0,
+                 group_bytes: int = ROW_GROUP_BYTES):
         self.folder, self.slug, self.shard_bytes = folder, slug, shard_bytes
+        self.first_index = first_index
         self.written: list[Path] = []
         self.rows = 0
         self._writer: ParquetWriter | None = None
         self._final: Path | None = None
         self._stack = ExitStack()  # holds the open shard's atomic_path
-        self._shard_bytes = 0
         self._pending: list[pa.Table] = []
         self._pending_bytes = 0
-        self._groups = RowGroupBytes()
+        self._rolling = Rolling(shard_bytes, group_bytes)
 
     def add(self, table: pa.Table) -> None:
         sizes = pc.binary_length(table.column("image").combine_chunks().field("bytes")).to_pylist()
         start = 0
         for end, size in enumerate(sizes, start=1):
             self._pending_bytes += size
-            if self._groups.add(size):
+            group_closes, shard_closes = self._rolling.add(size)
+            if group_closes:
                 self._pending.append(table.slice(start, end - start))
                 start = end
                 self._flush()
+            if shard_closes:
+                self._close_shard()
         if start < table.num_rows:
             self._pending.append(table.slice(start))
 
@@ -79,7 +112,7 @@ class ShardSeries:
         if not self._pending:
             return
         if self._writer is None:
-            self._final = self.folder / f"{self.slug}-{len(self.written):05d}.parquet"
+            self._final = self.folder / shard_name(self.slug, self.first_index + len(self.written))
             tmp = self._stack.enter_context(atomic_path(self._final))
             with output_errors(self._final):
                 self._writer = ParquetWriter(path=str(tmp), features=FEATURES)
@@ -88,10 +121,7 @@ class ShardSeries:
             require_free_space(self.folder, 2 * self._pending_bytes + FREE_SPACE_MARGIN)
             self._writer.write_table(table, writer_batch_size=table.num_rows)
         self.rows += table.num_rows
-        self._shard_bytes += self._pending_bytes
         self._pending, self._pending_bytes = [], 0
-        if self._shard_bytes >= self.shard_bytes:
-            self._close_shard()
 
     def _close_shard(self) -> None:
         with output_errors(self._final):
@@ -99,7 +129,7 @@ class ShardSeries:
             self._writer.finalize()
         self._stack.close()  # renames the temporary file to the shard
         self.written.append(self._final)
-        self._writer, self._shard_bytes = None, 0
+        self._writer = None
 
     def close(self) -> list[Path]:
         self._flush()
@@ -113,6 +143,156 @@ class ShardSeries:
             with suppress(Exception):
                 self._writer.close()
         self._stack.__exit__(type(error), error, error.__traceback__)
+
+
+def shard_name(slug: str, index: int) -> str:
+    return f"{slug}-{index:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One planned shard of `full`: rows [start, end) of the folder's rows of each unit file, in order."""
+
+    folder: str
+    slug: str
+    index: int
+    pieces: tuple[tuple[str, int, int], ...]  # (unit parquet path, start, end)
+    rows: int
+    key: str  # identifies the inputs: unit fingerprints, row ranges, layout
+    group_bytes: int = ROW_GROUP_BYTES
+
+    @property
+    def name(self) -> str:
+        return f"{self.folder}/{self.slug}/{shard_name(self.slug, self.index)}"
+
+
+def plan_shards(unit_files: list[Path], fingerprints: list[str], slug: str, shard_bytes: int = SHARD_BYTES,
+                group_bytes: int = ROW_GROUP_BYTES) -> list[ShardPlan]:
+    """Every shard of a subset's `full` series, per folder, planned from the unit files' `_size` column (read
+    without the images) under the rolling rule of `ShardSeries`; unit files in unit order."""
+    plans: list[ShardPlan] = []
+    for folder in FOLDERS:
+        plans.extend(_plan_folder(unit_files, fingerprints, folder, slug, Rolling(shard_bytes, group_bytes)))
+    return plans
+
+
+def _plan_folder(unit_files: list[Path], fingerprints: list[str], folder: str, slug: str,
+                 rolling: Rolling) -> list[ShardPlan]:
+    plans: list[ShardPlan] = []
+    pieces: list[tuple[str, int, int]] = []
+    prints: dict[str, str] = {}
+
+    def close_shard() -> None:
+        key = pack_key("planned-shard", folder, slug, len(plans), pieces, prints, FOLDER_OF_SCALE, COLUMNS,
+                       rolling.shard_bytes, rolling.groups.limit)
+        rows = sum(end - start for _, start, end in pieces)
+        plans.append(ShardPlan(folder, slug, len(plans), tuple(pieces), rows, key, rolling.groups.limit))
+        pieces.clear()
+        prints.clear()
+
+    for path, fingerprint in zip(unit_files, fingerprints):
+        sizes = unit_sizes(path, folder)
+        start = 0
+        for row, size in enumerate(sizes, start=1):
+            if rolling.add(int(size))[1]:
+                pieces.append((str(path), start, row))
+                prints[str(path)] = fingerprint
+                close_shard()
+                start = row
+        if start < len(sizes):
+            pieces.append((str(path), start, len(sizes)))
+            prints[str(path)] = fingerprint
+    if pieces:
+        close_shard()
+    return plans
+
+
+def unit_sizes(path: Path, folder: str) -> list[int]:
+    """The image sizes of `folder`'s rows of a unit file, in order, read from its `_size` column only."""
+    parquet = pq.ParquetFile(path)
+    groups = [k for k in range(parquet.num_row_groups) if _group_folder(parquet, k) == folder]
+    if not groups:
+        return []
+    return parquet.read_row_groups(groups, columns=["_size"]).column(0).to_pylist()
+
+
+def folder_rows(path: Path, folder: str, start: int, end: int) -> Iterator[pa.Table]:
+    """Rows [start, end) of `folder`'s rows of a unit file, reading only the row groups that hold them (unit files
+    keep each folder's rows in row groups of their own; the `scale` statistics say whose a group is)."""
+    parquet = pq.ParquetFile(path)
+    seen = 0
+    for index in range(parquet.num_row_groups):
+        group = parquet.metadata.row_group(index)
+        if _group_folder(parquet, index) != folder:
+            continue
+        if seen < end and seen + group.num_rows > start:
+            first = max(start, seen)
+            yield parquet.read_row_group(index).slice(first - seen, min(end, seen + group.num_rows) - first)
+        seen += group.num_rows
+        if seen >= end:
+            return
+
+
+def _group_folder(parquet: pq.ParquetFile, index: int) -> str | None:
+    """The folder of a unit file's row group (None when it is empty), from its `scale` statistics (read from the
+    rows if absent)."""
+    group = parquet.metadata.row_group(index)
+    if group.num_rows == 0:
+        return None
+    leaf = _scale_leaf(parquet)
+    statistics = group.column(leaf).statistics
+    if statistics is not None and statistics.has_min_max:
+        folders = {FOLDER_OF_SCALE[statistics.min], FOLDER_OF_SCALE[statistics.max]}
+    else:
+        folders = {FOLDER_OF_SCALE[s] for s in parquet.read_row_group(index, columns=["scale"]).column(0).to_pylist()}
+    if len(folders) != 1:
+        raise ValueError(f"row group {index} of a unit file mixes folders {sorted(folders)}")
+    return folders.pop()
+
+
+def _scale_leaf(parquet: pq.ParquetFile) -> int:
+    schema = parquet.metadata.schema
+    return next(i for i in range(len(schema)) if schema.column(i).path == "scale")
+
+
+def write_planned_shard(plan: ShardPlan, config_dir: Path, record_dir: Path, verify: bool = False) -> PackResult:
+    """Write one planned shard unless its record holds the same key and the shard is intact (a damaged one is
+    named in the result and rebuilt byte for byte)."""
+    record_path = record_dir / plan.folder / f"{plan.slug}-{plan.index:05d}.json"
+    record = read_record(record_path)
+    damage: list[str] = []
+    if record and record.get("key") == plan.key:
+        damage = damaged_shards(config_dir, record["shards"], verify)
+        if not damage:
+            return PackResult({plan.folder: plan.rows})
+    series = ShardSeries(config_dir / plan.folder / plan.slug, plan.slug, shard_bytes=2**62, first_index=plan.index,
+                         group_bytes=plan.group_bytes)
+    try:
+        for path, start, end in plan.pieces:
+            for table in folder_rows(Path(path), plan.folder, start, end):
+                series.add(table.select(list(COLUMNS)))
+        written = series.close()
+    except BaseException as error:
+        series.abort(error)
+        raise
+    if series.rows != plan.rows or len(written) != 1:
+        raise RuntimeError(f"{plan.name}: wrote {series.rows} rows in {len(written)} file(s), planned {plan.rows}")
+    shards = {written[0].relative_to(config_dir).as_posix(): shard_stamp(written[0])}
+    write_atomic(record_path, json.dumps({"key": plan.key, "shards": shards, "rows": plan.rows}, indent=1).encode())
+    return PackResult({plan.folder: plan.rows}, damage)
+
+
+def remove_unplanned(config_dir: Path, record_dir: Path, plans: list[ShardPlan], slug: str) -> None:
+    """Remove the shards (and their records) of a subset's series that are no longer planned: left by an earlier
+    run whose units or layout differed, in any folder."""
+    planned = {plan.name for plan in plans}
+    for folder_dir in config_dir.glob(f"*/{slug}"):
+        for path in folder_dir.glob("*.parquet*"):
+            if f"{folder_dir.parent.name}/{slug}/{path.name}" not in planned:
+                path.unlink()
+                (record_dir / folder_dir.parent.name / path.name).with_suffix(".json").unlink(missing_ok=True)
+        if not any(folder_dir.iterdir()):
+            folder_dir.rmdir()
 
 
 @dataclass

@@ -25,7 +25,7 @@ from datasets.arrow_writer import get_parquet_column_options
 from .. import __version__
 from ..atomic import FREE_SPACE_MARGIN, atomic_path, output_errors, require_free_space, write_atomic
 from ..schema import FEATURES
-from ..standard import SCALE_SIDES, STANDARD_MPP
+from ..standard import FOLDER_OF_SCALE, SCALE_SIDES, STANDARD_MPP
 from .catalog import CatalogEntry, folder_safe, subset_slug
 from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
 from .roi import DEFAULT_MAX_PIXELS, RoiError, convert_roi
@@ -37,11 +37,14 @@ ROI_CHUNK_FILES = 2000
 # `source_file` is UTF-8 text: a file whose path is not UTF-8 is refused on its own, named with its odd
 # bytes written as \xNN (`display_name`).
 NOT_UTF8 = "file name is not valid UTF-8: rename it to convert it"
-# Internal columns of unit files: grid indices of a WSI tile at its own scale, and whether a ROI
-# belongs to its source's training split. They are dropped when shards are packed.
-UNIT_SCHEMA = FEATURES.arrow_schema.append(pa.field("_ix", pa.int32())).append(pa.field("_iy", pa.int32())).append(
-    pa.field("_train", pa.bool_())
-)
+# Internal columns of unit files: grid indices of a WSI tile at its own scale, whether a ROI belongs to its
+# source's training split, and the image's size in bytes (what shard planning reads instead of the images).
+# They are dropped when shards are packed.
+UNIT_SCHEMA = pa.schema([*FEATURES.arrow_schema, pa.field("_ix", pa.int32()), pa.field("_iy", pa.int32()),
+                         pa.field("_train", pa.bool_()), pa.field("_size", pa.int32())])
+# Unit files keep each scale folder's rows in row groups of their own and carry `_size`; a record of a unit file
+# written otherwise (an older version) is not reused.
+UNIT_LAYOUT = 2
 
 
 def _unit_column_options() -> dict:
@@ -192,8 +195,10 @@ def read_record(path: Path) -> dict | None:
 
 def is_current(record: dict | None, fp: str) -> bool:
     """A unit's record can be reused when its inputs are unchanged and it had no failures: failed files are
-    retried on every run (a fixed permission or a re-downloaded file converts without touching its stats)."""
-    return bool(record) and record.get("fingerprint") == fp and not record.get("failures")
+    retried on every run (a fixed permission or a re-downloaded file converts without touching its stats).
+    A record of a unit file in another layout (an older version's) is not."""
+    return (bool(record) and record.get("fingerprint") == fp and not record.get("failures")
+            and record.get("layout") == UNIT_LAYOUT)
 
 
 def convert_unit(unit: Unit, source_root: Path, work_dir: Path, options: ConvertOptions) -> UnitResult:
@@ -213,7 +218,7 @@ def convert_unit(unit: Unit, source_root: Path, work_dir: Path, options: Convert
         rows = _unit_rows(unit, source_root, options, failures)
     count = _write_unit_parquet(parquet_path, rows)
     skipped = _empty_slide(unit, source_root, options) if count == 0 and not failures else []
-    record = {"fingerprint": fp, "rows": count, "failures": failures, "skipped": skipped}
+    record = {"fingerprint": fp, "rows": count, "failures": failures, "skipped": skipped, "layout": UNIT_LAYOUT}
     write_atomic(record_path, json.dumps(record, indent=1).encode())
     return UnitResult(unit.key, count, failures, skipped_files=skipped)
 
@@ -236,13 +241,16 @@ def _merged_rows(
 
 
 def _write_unit_parquet(path: Path, rows: Iterator[dict]) -> int:
-    """Write rows in row groups of about ROW_GROUP_BYTES of images; an empty unit gets an empty file."""
+    """Write rows in row groups of one scale folder each, of about ROW_GROUP_BYTES of images (so that packing a
+    folder reads only its row groups), with each image's size in `_size`; an empty unit gets an empty file."""
     count = 0
     with atomic_path(path) as tmp:
         with output_errors(path):
             writer = pq.ParquetWriter(tmp, UNIT_SCHEMA, **UNIT_COLUMN_OPTIONS)
         try:
             for batch in _row_batches(rows):
+                for row in batch:
+                    row["_size"] = len(row["image"]["bytes"])
                 table = pa.Table.from_pylist(batch, schema=UNIT_SCHEMA)
                 with output_errors(path):
                     writer.write_table(table)
@@ -257,18 +265,24 @@ def _write_unit_parquet(path: Path, rows: Iterator[dict]) -> int:
 
 
 def _row_batches(rows: Iterator[dict]) -> Iterator[list[dict]]:
-    """Rows in row groups closed by RowGroupBytes; an empty unit gives one empty batch."""
-    batch: list[dict] = []
-    groups = RowGroupBytes()
+    """Row groups of one scale folder each: each folder's rows in their order, closed by RowGroupBytes per folder
+    (the open ones last, by folder name); an empty unit gives one empty batch."""
+    open_groups: dict[str, tuple[list[dict], RowGroupBytes]] = {}
     emitted = False
     for row in rows:
+        folder = FOLDER_OF_SCALE[row["scale"]]
+        batch, groups = open_groups.setdefault(folder, ([], RowGroupBytes()))
         batch.append(row)
         if groups.add(len(row["image"]["bytes"])):
             yield batch
             emitted = True
-            batch = []
-    if batch or not emitted:
-        yield batch
+            open_groups[folder] = ([], groups)
+    for folder in sorted(open_groups):
+        if open_groups[folder][0]:
+            yield open_groups[folder][0]
+            emitted = True
+    if not emitted:
+        yield []
 
 
 def _empty_slide(unit: Unit, source_root: Path, options: ConvertOptions) -> list[dict]:
