@@ -1,6 +1,6 @@
 """Benchmark conversion locally and on a Dask cluster on loopback: scaling and scheduler overhead.
 
-    python benchmarks/convert_cluster.py [--slides 8 --width 6144 --height 6144 --mpp 0.25 --out DIR]
+    python benchmarks/convert_cluster.py [--slides 8 --width 12288 --height 12288 --mpp 0.25 --out DIR]
 
 Generates a source tree of `--slides` H&E-like SVS slides once (cached in --out), then converts it
 (units and packing, no card) four ways, each into a fresh folder: locally with 1 and 2 processes
@@ -118,8 +118,8 @@ def worker_peak_rss_mb(address: str) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slides", type=int, default=8)
-    parser.add_argument("--width", type=int, default=6144)
-    parser.add_argument("--height", type=int, default=6144)
+    parser.add_argument("--width", type=int, default=12288)
+    parser.add_argument("--height", type=int, default=12288)
     parser.add_argument("--mpp", type=float, default=0.25)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "cpia-hf-cluster-benchmark")
