@@ -33,7 +33,16 @@ from .shards import (
     remove_unplanned,
     write_planned_shard,
 )
-from .units import ConvertOptions, Unit, UnitResult, convert_unit, discover_units, read_record, unit_paths
+from .units import (
+    UNIT_LAYOUT,
+    ConvertOptions,
+    Unit,
+    UnitResult,
+    convert_unit,
+    discover_units,
+    read_record,
+    unit_paths,
+)
 
 CONFIGS = ("full", "mini")
 MINI_SUBSETS = "mini-subsets"  # per-subset mini shards under .work, mixed into data/mini
@@ -205,7 +214,7 @@ def _unit_files(work_dir: Path, units: list[Unit]) -> tuple[list[Path], list[dic
     for unit in sorted(units, key=lambda u: u.unit_id):
         parquet_path, record_path = unit_paths(work_dir, unit)
         record = read_record(record_path)
-        if record and parquet_path.exists():
+        if record and record.get("layout") == UNIT_LAYOUT and parquet_path.exists():  # not an older version's file
             files.append(parquet_path)
             records.append(record)
     return files, records

@@ -169,51 +169,61 @@ class ShardPlan:
 def plan_shards(unit_files: list[Path], fingerprints: list[str], slug: str, shard_bytes: int = SHARD_BYTES,
                 group_bytes: int = ROW_GROUP_BYTES) -> list[ShardPlan]:
     """Every shard of a subset's `full` series, per folder, planned from the unit files' `_size` column (read
-    without the images) under the rolling rule of `ShardSeries`; unit files in unit order."""
-    plans: list[ShardPlan] = []
-    for folder in FOLDERS:
-        plans.extend(_plan_folder(unit_files, fingerprints, folder, slug, Rolling(shard_bytes, group_bytes)))
-    return plans
-
-
-def _plan_folder(unit_files: list[Path], fingerprints: list[str], folder: str, slug: str,
-                 rolling: Rolling) -> list[ShardPlan]:
-    plans: list[ShardPlan] = []
-    pieces: list[tuple[str, int, int]] = []
-    prints: dict[str, str] = {}
-
-    def close_shard() -> None:
-        key = pack_key("planned-shard", folder, slug, len(plans), pieces, prints, FOLDER_OF_SCALE, COLUMNS,
-                       rolling.shard_bytes, rolling.groups.limit)
-        rows = sum(end - start for _, start, end in pieces)
-        plans.append(ShardPlan(folder, slug, len(plans), tuple(pieces), rows, key, rolling.groups.limit))
-        pieces.clear()
-        prints.clear()
-
+    without the images, each file once) under the rolling rule of `ShardSeries`; unit files in unit order."""
+    planners = {folder: _SeriesPlanner(folder, slug, Rolling(shard_bytes, group_bytes)) for folder in FOLDERS}
     for path, fingerprint in zip(unit_files, fingerprints):
-        sizes = unit_sizes(path, folder)
+        for folder, sizes in unit_sizes(path).items():
+            planners[folder].add_unit(str(path), fingerprint, sizes)
+    return [plan for folder in FOLDERS for plan in planners[folder].finish()]
+
+
+class _SeriesPlanner:
+    """Cuts one (folder, subset) series into ShardPlans as the unit files' sizes come in."""
+
+    def __init__(self, folder: str, slug: str, rolling: Rolling):
+        self.folder, self.slug, self.rolling = folder, slug, rolling
+        self.plans: list[ShardPlan] = []
+        self.pieces: list[tuple[str, int, int]] = []  # of the open shard
+        self.prints: dict[str, str] = {}  # unit fingerprints of the open shard
+
+    def add_unit(self, path: str, fingerprint: str, sizes: list[int]) -> None:
         start = 0
         for row, size in enumerate(sizes, start=1):
-            if rolling.add(int(size))[1]:
-                pieces.append((str(path), start, row))
-                prints[str(path)] = fingerprint
-                close_shard()
+            if self.rolling.add(size)[1]:
+                self._add_piece(path, fingerprint, start, row)
+                self._close_shard()
                 start = row
         if start < len(sizes):
-            pieces.append((str(path), start, len(sizes)))
-            prints[str(path)] = fingerprint
-    if pieces:
-        close_shard()
-    return plans
+            self._add_piece(path, fingerprint, start, len(sizes))
+
+    def finish(self) -> list[ShardPlan]:
+        if self.pieces:
+            self._close_shard()
+        return self.plans
+
+    def _add_piece(self, path: str, fingerprint: str, start: int, end: int) -> None:
+        self.pieces.append((path, start, end))
+        self.prints[path] = fingerprint
+
+    def _close_shard(self) -> None:
+        index, limit = len(self.plans), self.rolling.groups.limit
+        key = pack_key("planned-shard", self.folder, self.slug, index, self.pieces, self.prints, FOLDER_OF_SCALE,
+                       COLUMNS, self.rolling.shard_bytes, limit)
+        rows = sum(end - start for _, start, end in self.pieces)
+        self.plans.append(ShardPlan(self.folder, self.slug, index, tuple(self.pieces), rows, key, limit))
+        self.pieces, self.prints = [], {}
 
 
-def unit_sizes(path: Path, folder: str) -> list[int]:
-    """The image sizes of `folder`'s rows of a unit file, in order, read from its `_size` column only."""
+def unit_sizes(path: Path) -> dict[str, list[int]]:
+    """Per folder, the image sizes of its rows of a unit file, in order, read from the `_size` column only."""
     parquet = pq.ParquetFile(path)
-    groups = [k for k in range(parquet.num_row_groups) if _group_folder(parquet, k) == folder]
-    if not groups:
-        return []
-    return parquet.read_row_groups(groups, columns=["_size"]).column(0).to_pylist()
+    groups: dict[str, list[int]] = {}
+    for index in range(parquet.num_row_groups):
+        folder = _group_folder(parquet, index)
+        if folder is not None:
+            groups.setdefault(folder, []).append(index)
+    return {folder: parquet.read_row_groups(indexes, columns=["_size"]).column(0).to_pylist()
+            for folder, indexes in groups.items()}
 
 
 def folder_rows(path: Path, folder: str, start: int, end: int) -> Iterator[pa.Table]:
