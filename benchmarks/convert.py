@@ -2,6 +2,7 @@
 
     python benchmarks/convert.py [--width 40000 --height 32000 --mpp 0.25 0.2527 0.263 --out DIR]
     python benchmarks/convert.py --slide PATH [--slide PATH ...] [--tissue-rule release]
+    python benchmarks/convert.py --mpp 0.2527 --tissue 0.25      # a slide mostly of glass
 
 For each MPP (default: 0.25, and the Aperio AT2 and GT450 40x MPPs 0.2527 and 0.263) generates a
 40x H&E-like SVS once (256-px JPEG tiles, 4x pyramid; cached in --out), or takes the given slides,
@@ -47,15 +48,18 @@ from cpia_hf.demo.synth import he_like_image, write_slide  # noqa: E402
 from cpia_hf.standard import SCALES, STANDARD_MPP  # noqa: E402
 
 
+RATE_BLOCK = 960  # px: the square the converter's resampling rate is measured on (an L tile)
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process and its waited-for children."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def generate(path: Path, width: int, height: int, mpp: float) -> None:
+def generate(path: Path, width: int, height: int, mpp: float, tissue: float) -> None:
     """Write the benchmark slide (run in a child process, so that its memory is not counted)."""
-    write_slide(path, he_like_image(width, height, seed=0, tissue=0.6), mpp, vendor="aperio", tile=256, quality=90)
+    write_slide(path, he_like_image(width, height, seed=0, tissue=tissue), mpp, vendor="aperio", tile=256, quality=90)
 
 
 def peak_rss_mb(reset: bool = False) -> float:
@@ -115,7 +119,7 @@ def codec_floor(path: Path, touched: set[tuple[int, int]], scale: float) -> tupl
 
     Each tile is decoded once by the fast reader's decoder (Pillow's libjpeg-turbo, shrunk in the DCT
     domain). Resampling is charged at the converter's best rate: the standardised pixels the tiles
-    cover times the CPU seconds per pixel of `resample_image` on a whole READ_BLOCK square (resampling
+    cover times the CPU seconds per pixel of `resample_image` on a whole RATE_BLOCK square (resampling
     each small tile apart would cost more, and flatter the converter). Also returns the CPU seconds of
     decoding the same tiles at full size with imagecodecs, for comparison.
     """
@@ -149,12 +153,12 @@ def codec_floor(path: Path, touched: set[tuple[int, int]], scale: float) -> tupl
 
 
 def resample_seconds_per_pixel(reader: wsi.TiffJpegReader, scale: float) -> float:
-    """CPU seconds per output pixel of the converter's `resample_image` on one READ_BLOCK square from the
+    """CPU seconds per output pixel of the converter's `resample_image` on one RATE_BLOCK square from the
     middle of the level cells are read from (best of three)."""
     level = wsi._best_level(reader.level_downsamples, scale)
     step = scale / reader.level_downsamples[level]
     factor = max(1, int(step * (1 + wsi.PRE_REDUCE_SLACK)))
-    side = wsi.READ_BLOCK
+    side = RATE_BLOCK
     width, height = reader.level_dimensions[level]
     need = math.ceil(side * step) + 4 * factor
     x, y = (max(0, (d - need) // 2) // factor * factor for d in (width, height))
@@ -278,10 +282,12 @@ def prepare(args: argparse.Namespace) -> list[Path]:
     args.out.mkdir(parents=True, exist_ok=True)
     paths = []
     for mpp in args.mpp:
-        path = args.out / f"he-{args.width}x{args.height}-mpp{mpp}.svs"
+        tissue = "" if args.tissue == 0.6 else f"-tissue{args.tissue}"
+        path = args.out / f"he-{args.width}x{args.height}-mpp{mpp}{tissue}.svs"
         if not path.exists():
             start = time.perf_counter()
-            child = multiprocessing.get_context("spawn").Process(target=generate, args=(path, args.width, args.height, mpp))
+            child = multiprocessing.get_context("spawn").Process(target=generate,
+                                                                 args=(path, args.width, args.height, mpp, args.tissue))
             child.start()
             child.join()
             if child.exitcode != 0:
@@ -297,6 +303,7 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=40000)
     parser.add_argument("--height", type=int, default=32000)
     parser.add_argument("--mpp", type=float, nargs="+", default=[0.25, 0.2527, 0.263])
+    parser.add_argument("--tissue", type=float, default=0.6, help="tissue fraction of a generated slide's glass")
     parser.add_argument("--tissue-rule", choices=RULES, default=ConvertOptions.tissue_rule)
     parser.add_argument("--no-filters", action="store_true", help="skip the comparison of resampling filters")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "cpia-hf-benchmark")
@@ -352,7 +359,7 @@ def benchmark_slide(path: Path, rule: str, filters: bool) -> None:
     table("codec floor (same run)", [
         ("decode touched tiles", f"{decode_cpu:.2f} s (at full size with imagecodecs: {full_decode_cpu:.2f} s)"),
         ("resample to standard", f"{resize_cpu:.2f} s (the converter's resample_image, at its rate on a "
-                                 f"{wsi.READ_BLOCK}-px block)"),
+                                 f"{RATE_BLOCK}-px block)"),
         ("encode outputs", f"{run['encode_cpu']:.2f} s"),
         ("total", f"{floor:.2f} s = {output_mp / floor:.1f} output MP per CPU-second"),
         ("converter / floor", f"{run['cpu'] / floor:.2f}"),

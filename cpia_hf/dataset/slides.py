@@ -67,9 +67,10 @@ MAX_UPSAMPLING = 2.5
 # 190,000 x 190,000 px at 0.25 um/px.
 MAX_SLIDE_PIXELS = 2**36
 MAX_MASK_PIXELS = 2**25
-# Cells are read in READ_BLOCK x READ_BLOCK squares (a grid fixed in the cell, so a tile's pixels never depend
-# on which other tiles are kept); under the mask rule only the squares under kept tiles are read.
-READ_BLOCK = SCALE_SIDES["L"]
+# Under the mask rule a cell is read only where kept tiles lie, decided on a grid of READ_BLOCK x READ_BLOCK
+# squares (192 px divides the XL, L and M sides, so every tile covers whole squares), the needed squares merged
+# into as few rectangles as possible (a cell of tissue is one rectangle, read in bands).
+READ_BLOCK = 192
 # Conversion runs one slide per process: OpenCV's own thread pool would only oversubscribe the cores.
 cv2.setNumThreads(1)
 JPEG, RGB, YCBCR = 7, 2, 6  # TIFF Compression and PhotometricInterpretation values
@@ -528,16 +529,16 @@ class _Grid:
         return out
 
     def read_cell(self, x0: int, y0: int, width: int, height: int, needed: np.ndarray | None = None) -> np.ndarray:
-        """A cell's standardised pixels, read READ_BLOCK square by square: only the squares marked in `needed`
-        (rows x columns of READ_BLOCK squares; all when None), the others white. Read-only."""
+        """A cell's standardised pixels: only the READ_BLOCK squares marked in `needed` (rows x columns; all when
+        None), the others white. Read-only."""
         partial = needed is not None and not needed.all()
         cell = np.full((height, width, 3), 255, np.uint8) if partial else np.empty((height, width, 3), np.uint8)
-        for row, top in enumerate(range(0, height, READ_BLOCK)):
-            for column, left in enumerate(range(0, width, READ_BLOCK)):
-                if partial and not needed[row, column]:
-                    continue
-                bottom, right = min(height, top + READ_BLOCK), min(width, left + READ_BLOCK)
-                self.read(x0 + left, y0 + top, right - left, bottom - top, cell[top:bottom, left:right])
+        if not partial:
+            needed = np.ones((-(-height // READ_BLOCK), -(-width // READ_BLOCK)), bool)
+        for row, column, rows, columns in _rectangles(needed):
+            top, left = row * READ_BLOCK, column * READ_BLOCK
+            bottom, right = min(height, top + rows * READ_BLOCK), min(width, left + columns * READ_BLOCK)
+            self.read(x0 + left, y0 + top, right - left, bottom - top, cell[top:bottom, left:right])
         cell.flags.writeable = False
         return cell
 
@@ -547,6 +548,24 @@ class _Grid:
         last_in_row = x0 + width >= self.info.std_width
         right = math.inf if last_in_row else (x0 + XL_SIDE) * step - CACHE_MARGIN
         self.source.forget(self.level, right, (y0 + XL_SIDE) * step - CACHE_MARGIN)
+
+
+def _rectangles(needed: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """The True cells of a boolean grid as rectangles (row, column, rows, columns): each row's runs, a run merged
+    with the same run of the rows below it."""
+    rectangles, open_runs = [], {}  # (first column, end column) -> first row
+    for row in range(needed.shape[0] + 1):
+        runs = set()
+        if row < needed.shape[0]:
+            padded = np.concatenate(([False], needed[row], [False])).astype(np.int8)
+            edges = np.flatnonzero(np.diff(padded))
+            runs = set(zip(edges[::2].tolist(), edges[1::2].tolist()))
+        for run in sorted(set(open_runs) - runs):
+            first = open_runs.pop(run)
+            rectangles.append((first, run[0], row - first, run[1] - run[0]))
+        for run in runs - set(open_runs):
+            open_runs[run] = row
+    return sorted(rectangles)
 
 
 def _integral(values: np.ndarray, dtype: type) -> np.ndarray:
