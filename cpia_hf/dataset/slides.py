@@ -7,11 +7,13 @@ the standardised slide are produced even when their XL cell is not fully inside.
 
 Reading is bounded: a tissue mask from a low-resolution level is computed first, cells without
 tissue (or, under the release rule, whose thumbnail colour fails the XL rule by a clear margin)
-are never read, and a cell is resampled in bands of at most BAND_SOURCE_PIXELS source pixels
-from the pyramid level closest to (not coarser than) the standard. TIFF slides with JPEG tiles (Aperio SVS,
-generic tiled TIFF) are decoded directly (tifffile for the layout, Pillow's libjpeg-turbo for the
-pixels, shrunk in the DCT domain when the resampling shrinks by 2 or more) from the tiles a region
-needs; every other format OpenSlide opens is read with `read_region`. One reader class per backend
+are never read, under the mask rule only the parts of a cell under kept tiles are read (the mask
+decides every tile before any pixel is decoded), and a cell is resampled in bands of at most
+BAND_SOURCE_PIXELS source pixels from the pyramid level closest to (not coarser than) the
+standard. TIFF slides with JPEG tiles (Aperio SVS, generic tiled TIFF) are decoded directly
+(tifffile for the layout, Pillow's libjpeg-turbo for the pixels, shrunk in the DCT domain when the
+resampling shrinks by 2 or more) from the tiles a region needs, each tile once per slide; every
+other format OpenSlide opens is read with `read_region`. One reader class per backend
 (`OpenSlideReader`, `TiffJpegReader`, same methods); the grid's coordinates (`xl_cells`,
 `tile_offsets`) are apart from reading.
 
