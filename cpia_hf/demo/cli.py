@@ -20,7 +20,7 @@ def run_demo(args: argparse.Namespace) -> int:
     status = print_report(report, args.out / "dataset")
     if status or args.convert_only:
         return status
-    model_dir = train_demo_model(args.out / "dataset", args.out / "mae-tiny")
+    model_dir = train_demo_model(args.out / "dataset", args.out / "mae-tiny", progress=not args.no_progress)
     features = demo_features(model_dir, args.out / "dataset")
     print(f"model exported to {model_dir}; AutoModel.from_pretrained features of 4 mini tiles: {tuple(features.shape)}")
     return 0

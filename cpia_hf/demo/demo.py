@@ -96,11 +96,11 @@ DEMO_TRAIN_ARGS = ["--method", "mae", "--config", "mini", "--model", "vit_tiny_p
                    "--num-workers", "0", "--model-name", "cpia-demo-vit-tiny-mae"]
 
 
-def train_demo_model(dataset: Path, out: Path) -> Path:
+def train_demo_model(dataset: Path, out: Path, progress: bool = True) -> Path:
     """Pre-train a tiny MAE for a few steps on the demo's mini config; returns the exported model folder."""
     from ..train.cli import main as train_main
 
-    train_main([*DEMO_TRAIN_ARGS, "--data", str(dataset), "--out", str(out)])
+    train_main([*DEMO_TRAIN_ARGS, "--data", str(dataset), "--out", str(out), *([] if progress else ["--no-progress"])])
     return out / "model"
 
 

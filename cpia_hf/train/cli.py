@@ -99,6 +99,7 @@ def configure_train(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--num-workers", type=int, help="DataLoader workers per process [4]")
     run.add_argument("--log-every", type=int, help="[10]")
+    run.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     run.add_argument("--save-every", type=int, help="checkpoint every N steps (and at the end) [1000]")
     run.add_argument("--keep-checkpoints", type=int, help="[3]")
     run.add_argument("--resume", help="checkpoint folder, or 'latest' in --out")
@@ -130,7 +131,7 @@ RUN_FLAGS = ("data", "dataset_id", "out", "config", "model", "model_kwargs", "in
              "organs", "streaming", "cache_dir", "batch_size", "grad_accum", "epochs", "max_steps",
              "steps_per_epoch", "base_lr", "lr", "min_lr", "warmup_epochs", "warmup_steps", "weight_decay",
              "weight_decay_end", "clip_grad", "drop_path", "mixed_precision", "cpu", "seed", "num_workers",
-             "log_every", "save_every", "keep_checkpoints", "resume", "export", "push_to_hub", "private",
+             "log_every", "progress", "save_every", "keep_checkpoints", "resume", "export", "push_to_hub", "private",
              "hub_endpoint")
 
 

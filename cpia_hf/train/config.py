@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0  # seeds weights, data order, views, masks and drop-path
     num_workers: int = 4  # DataLoader workers per process
     log_every: int = 10  # steps between log lines in train_log.jsonl
+    progress: bool = True  # show a progress bar on the terminal
     save_every: int = 1000  # steps between checkpoints (and at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept
     resume: str | None = None  # checkpoint folder, or "latest" in `out`

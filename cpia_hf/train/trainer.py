@@ -315,7 +315,8 @@ class StepLog:
     def __init__(self, run: Run):
         self.run = run
         self.bar = tqdm(total=run.schedule.total_steps, initial=run.progress.step, unit="step",
-                        disable=not run.accelerator.is_main_process, desc=f"{run.cfg.method} pre-training")
+                        disable=not (run.cfg.progress and run.accelerator.is_main_process),
+                        desc=f"{run.cfg.method} pre-training")
         self.interval_start, self.interval_steps = time.perf_counter(), 0
 
     def step_done(self, epoch: int, step_loss: torch.Tensor) -> None:
