@@ -316,13 +316,18 @@ def main() -> int:
 def benchmark_slide(path: Path, rule: str, filters: bool) -> None:
     info = wsi.open_slide_info(path)
     scale = STANDARD_MPP / info.mpp
-    # the child processes of the whole-CLI run below must not count in this process's peak RSS
-    with tempfile.TemporaryDirectory() as work:
-        cli = cli_run(path, Path(work), rule)
-
     peak_rss_mb(reset=True)
     run = convert(path, rule)
     converter_rss_mb = peak_rss_mb()
+    if not run["output_pixels"]:
+        with tifffile.TiffFile(path) as tif:
+            touched = touched_tiles(run["reads"], [p for p in tif.pages if p.is_tiled])
+        print(f"\nslide {path.name}, tissue rule {rule}: no tile kept; {len(touched)} source tiles decoded "
+              f"in {run['cpu']:.2f} CPU-s to decide it")
+        return
+    # the child processes of the whole-CLI run below must not count in this process's peak RSS (reset above)
+    with tempfile.TemporaryDirectory() as work:
+        cli = cli_run(path, Path(work), rule)
     with tempfile.TemporaryDirectory() as work_dir:
         unit_wall, unit_cpu, unit_rows = convert_as_unit(path, Path(work_dir), rule)
     with tifffile.TiffFile(path) as tif:

@@ -154,3 +154,29 @@ def test_unit_files_store_images_plain_and_uncompressed(two_by_two_slide, tmp_pa
     image = columns["image.bytes"]
     assert image.compression == "UNCOMPRESSED" and "RLE_DICTIONARY" not in image.encodings
     assert "RLE_DICTIONARY" in columns["subset"].encodings and columns["subset"].compression == "SNAPPY"
+
+
+def test_release_rule_skips_cells_a_coarser_level_decides(tmp_path, monkeypatch):
+    """A cell whose thumbnail colour fails the XL rule by less than RELEASE_MARGIN but by more than PREVIEW_MARGIN
+    (R - G = 13 < 20) is decided on a level 4x coarser and never decoded at level 0; the tiles are the same."""
+    rng = np.random.default_rng(5)
+    pixels = np.empty((7700, 15400, 3), np.uint8)  # 0.25 um/px: 7790x3895 standardised, cells (0, 0) and (1, 0)
+    pixels[:, :7591] = (200, 187, 140)  # cell (0, 0): dropped by the release rule
+    pixels[:, 7591:] = (200, 150, 140)  # cell (1, 0) from 3840 * 0.4942 / 0.25 = 7591 px on: kept
+    pixels += rng.integers(0, 4, pixels.shape, dtype=np.uint8)
+    path = write_slide(tmp_path / "pair.svs", pixels, 0.25)
+    release = TissueRule("release")
+    decodes, _ = record_decodes(monkeypatch)
+    tiles = list(iter_slide_tiles(path, slide_stem="pair", rule=release))
+    previewed = {key for key in decodes if key[0] == 0}
+    assert tiles and {t.x_index * t.side // wsi.XL_SIDE for t in tiles} == {1}  # only cell (1, 0) is kept
+    decodes.clear()
+    monkeypatch.setattr(wsi._Grid, "preview_colour", lambda *args: None)
+    unpreviewed = list(iter_slide_tiles(path, slide_stem="pair", rule=release))
+    whole = {key for key in decodes if key[0] == 0}
+    assert [t.image_id for t in unpreviewed] == [t.image_id for t in tiles]
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(unpreviewed, tiles))
+    across = -(-15400 // 256)
+    # with the preview no level-0 tile left of cell (1, 0) (7591 px, 7579 with the filter margin) is decoded
+    assert previewed and all(index % across >= 7579 // 256 for _, index, _ in previewed)
+    assert len(whole) - len(previewed) >= 29 * 29  # without it, cell (0, 0)'s 30 x 30 tiles are

@@ -21,6 +21,7 @@ from cpia_hf.dataset.tissue import (
     release_is_blank,
     release_keeps_xl,
     release_surely_drops_xl,
+    release_surely_keeps_xl,
     tissue_mask,
 )
 from cpia_hf.demo.synth import he_like_image, write_slide
@@ -343,6 +344,11 @@ def test_unread_cells_are_ones_the_release_drops():
         for delta in rng.uniform(-RELEASE_MARGIN, RELEASE_MARGIN, (20, 3)):
             assert not release_keeps_xl(tuple(colour + delta))
     assert not any(release_surely_drops_xl(tuple(c)) for c in colours if release_keeps_xl(tuple(c)))
+    kept = [c for c in colours if release_surely_keeps_xl(tuple(c))]
+    assert 0 < len(kept) < len(colours)
+    for colour in kept[:2000]:
+        for delta in rng.uniform(-RELEASE_MARGIN, RELEASE_MARGIN, (20, 3)):
+            assert release_keeps_xl(tuple(colour + delta))
 
 
 def test_bad_arguments_are_refused(small_slide):

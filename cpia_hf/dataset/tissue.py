@@ -111,3 +111,10 @@ def release_surely_drops_xl(mean_rgb: tuple[float, float, float], margin: float 
     r, g, b = mean_rgb
     return (max(r, g, b) >= WHITE_LEVEL + margin or r <= MIN_RED - margin or b <= MIN_BLUE - margin
             or r <= g + MIN_RED_OVER_GREEN - 2 * margin)
+
+
+def release_surely_keeps_xl(mean_rgb: tuple[float, float, float], margin: float = RELEASE_MARGIN) -> bool:
+    """Whether `release_keeps_xl` holds for every colour within `margin` of `mean_rgb` in each channel."""
+    r, g, b = mean_rgb
+    return (max(r, g, b) < WHITE_LEVEL - margin and r > MIN_RED + margin and b > MIN_BLUE + margin
+            and r > g + MIN_RED_OVER_GREEN + 2 * margin)
