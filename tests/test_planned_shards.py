@@ -105,3 +105,13 @@ def test_rerun_skips_intact_shards_and_unplanned_ones_are_removed(units, tmp_pat
     records = {p.stem for p in (tmp_path / "records").rglob("*.json")}
     assert records == {p.name.rsplit("/", 1)[1].removesuffix(".parquet") for p in fewer}
     assert json.loads((tmp_path / "records" / first.folder / f"s-{first.index:05d}.json").read_text())["key"] == first.key
+
+
+def test_an_unreadable_unit_file_is_named(units, tmp_path):
+    paths, _ = units
+    truncated = tmp_path / "u9.parquet"
+    truncated.write_bytes(paths[0].read_bytes()[: paths[0].stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{truncated}: unit file unreadable .*delete it"):
+        plan_shards([paths[1], truncated], ["fp", "fp"], "s", shard_bytes=SHARD, group_bytes=GROUP)
+    with pytest.raises(ValueError, match=f"{truncated}: unit file unreadable"):
+        next(folder_rows(truncated, "M", 0, 5))

@@ -174,15 +174,13 @@ def _pack_full(executor, entries: list[CatalogEntry], done: dict, config_dir: Pa
                  for (files, records), slug in zip((done[e.name] for e in entries), slugs)]
     planned = executor.map(plan_shards, plan_jobs, "plan full", progress)
     _stop_on_output_error(planned)
-    plans: list[ShardPlan] = []
-    for entry, slug, result in zip(entries, slugs, planned):
+    for entry, result in zip(entries, planned):
         if isinstance(result, BaseException):
             report.failures.append({"subset": entry.name, "file": "", "reason": f"planning shards failed: {_reason(result)}"})
-            continue
-        plans.extend(result)
+    plans: list[ShardPlan] = [p for result in planned if not isinstance(result, BaseException) for p in result]
     rows = _sum_rows(executor.map(write_planned_shard, [(p, config_dir, record_dir, verify) for p in plans],
                                   "pack full", progress), report)
-    for entry, slug, result in zip(entries, slugs, planned):
+    for slug, result in zip(slugs, planned):
         if not isinstance(result, BaseException):
             remove_unplanned(config_dir, record_dir, result, slug)
     return rows

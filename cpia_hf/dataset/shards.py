@@ -82,7 +82,7 @@ class ShardSeries:
 
     def __init__(self, folder: Path, slug: str, shard_bytes: int = SHARD_BYTES, first_index: int = 0,
                  group_bytes: int = ROW_GROUP_BYTES):
-        self.folder, self.slug, self.shard_bytes = folder, slug, shard_bytes
+        self.folder, self.slug = folder, slug
         self.first_index = first_index
         self.written: list[Path] = []
         self.rows = 0
@@ -216,10 +216,9 @@ class _SeriesPlanner:
 
 def unit_sizes(path: Path) -> dict[str, list[int]]:
     """Per folder, the image sizes of its rows of a unit file, in order, read from the `_size` column only."""
-    parquet = pq.ParquetFile(path)
+    parquet, folders = _open_unit(path)
     groups: dict[str, list[int]] = {}
-    for index in range(parquet.num_row_groups):
-        folder = _group_folder(parquet, index)
+    for index, folder in enumerate(folders):
         if folder is not None:
             groups.setdefault(folder, []).append(index)
     return {folder: parquet.read_row_groups(indexes, columns=["_size"]).column(0).to_pylist()
@@ -229,46 +228,58 @@ def unit_sizes(path: Path) -> dict[str, list[int]]:
 def folder_rows(path: Path, folder: str, start: int, end: int) -> Iterator[pa.Table]:
     """Rows [start, end) of `folder`'s rows of a unit file, reading only the row groups that hold them (unit files
     keep each folder's rows in row groups of their own; the `scale` statistics say whose a group is)."""
-    parquet = pq.ParquetFile(path)
+    parquet, folders = _open_unit(path)
     seen = 0
-    for index in range(parquet.num_row_groups):
-        group = parquet.metadata.row_group(index)
-        if _group_folder(parquet, index) != folder:
+    for index, group_folder in enumerate(folders):
+        if group_folder != folder:
             continue
-        if seen < end and seen + group.num_rows > start:
+        rows = parquet.metadata.row_group(index).num_rows
+        if seen < end and seen + rows > start:
             first = max(start, seen)
-            yield parquet.read_row_group(index).slice(first - seen, min(end, seen + group.num_rows) - first)
-        seen += group.num_rows
+            yield parquet.read_row_group(index).slice(first - seen, min(end, seen + rows) - first)
+        seen += rows
         if seen >= end:
             return
 
 
-def _group_folder(parquet: pq.ParquetFile, index: int) -> str | None:
-    """The folder of a unit file's row group (None when it is empty), from its `scale` statistics (read from the
-    rows if absent)."""
+def _open_unit(path: Path) -> tuple[pq.ParquetFile, list[str | None]]:
+    """A unit file and the folder of each of its row groups (None for an empty one); a file that cannot be read is
+    named, with what to do."""
+    try:
+        parquet = pq.ParquetFile(path)
+        schema = parquet.metadata.schema
+        leaf = next(i for i in range(len(schema)) if schema.column(i).path == "scale")
+        return parquet, [_group_folder(parquet, index, leaf) for index in range(parquet.num_row_groups)]
+    except (OSError, ValueError, StopIteration, KeyError) as error:  # ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: unit file unreadable ({type(error).__name__}: {error}); delete it and its .json "
+                         f"record, and run again to convert its unit again") from error
+
+
+def _group_folder(parquet: pq.ParquetFile, index: int, leaf: int) -> str | None:
+    """The folder of a unit file's row group (None when it is empty), from the statistics of its `scale` column
+    (`leaf`), or its rows when there are none."""
     group = parquet.metadata.row_group(index)
     if group.num_rows == 0:
         return None
-    leaf = _scale_leaf(parquet)
     statistics = group.column(leaf).statistics
     if statistics is not None and statistics.has_min_max:
         folders = {FOLDER_OF_SCALE[statistics.min], FOLDER_OF_SCALE[statistics.max]}
     else:
         folders = {FOLDER_OF_SCALE[s] for s in parquet.read_row_group(index, columns=["scale"]).column(0).to_pylist()}
     if len(folders) != 1:
-        raise ValueError(f"row group {index} of a unit file mixes folders {sorted(folders)}")
+        raise ValueError(f"row group {index} mixes folders {sorted(folders)}")
     return folders.pop()
 
 
-def _scale_leaf(parquet: pq.ParquetFile) -> int:
-    schema = parquet.metadata.schema
-    return next(i for i in range(len(schema)) if schema.column(i).path == "scale")
+def shard_record_path(record_dir: Path, folder: str, shard_file: str) -> Path:
+    """Where the record of a planned shard (`<slug>-NNNNN.parquet` in `folder`) is kept."""
+    return record_dir / folder / Path(shard_file).with_suffix(".json").name
 
 
 def write_planned_shard(plan: ShardPlan, config_dir: Path, record_dir: Path, verify: bool = False) -> PackResult:
     """Write one planned shard unless its record holds the same key and the shard is intact (a damaged one is
     named in the result and rebuilt byte for byte)."""
-    record_path = record_dir / plan.folder / f"{plan.slug}-{plan.index:05d}.json"
+    record_path = shard_record_path(record_dir, plan.folder, shard_name(plan.slug, plan.index))
     record = read_record(record_path)
     damage: list[str] = []
     if record and record.get("key") == plan.key:
@@ -300,7 +311,7 @@ def remove_unplanned(config_dir: Path, record_dir: Path, plans: list[ShardPlan],
         for path in folder_dir.glob("*.parquet*"):
             if f"{folder_dir.parent.name}/{slug}/{path.name}" not in planned:
                 path.unlink()
-                (record_dir / folder_dir.parent.name / path.name).with_suffix(".json").unlink(missing_ok=True)
+                shard_record_path(record_dir, folder_dir.parent.name, path.name).unlink(missing_ok=True)
         if not any(folder_dir.iterdir()):
             folder_dir.rmdir()
 
