@@ -7,6 +7,9 @@ import pytest
 
 from cpia_hf.demo.demo import build_demo
 
+# A real H&E slide region (Aperio SVS, 0.499 µm/px), OpenSlide's freely distributable test data.
+REAL_SLIDE = Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"
+
 
 @pytest.fixture(scope="session")
 def demo_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -15,3 +18,9 @@ def demo_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     report = build_demo(root, workers=2, progress=False)
     assert report.ok, report.failures
     return root
+
+
+@pytest.fixture(scope="session")
+def real_slide() -> Path:
+    """The real Aperio slide region (see tests/data/README.md)."""
+    return REAL_SLIDE

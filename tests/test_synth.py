@@ -6,7 +6,7 @@ import openslide
 import pytest
 from PIL import Image
 
-from cpia_hf.demo.synth import he_like_image, write_slide
+from cpia_hf.demo.synth import he_like_image, real_texture_image, write_slide
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,3 +69,18 @@ def test_corrupt_tile_fails_only_there(tmp_path, pixels):
         assert psnr(good, pixels[:256, :256]) > 35
         with pytest.raises(openslide.OpenSlideError):
             slide.read_region((512, 256), 0, (256, 256))
+
+
+def test_real_texture_image_is_the_real_slide_resampled_and_mirrored(real_slide) -> None:
+    with openslide.OpenSlide(str(real_slide)) as slide:
+        mpp = float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
+        original = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    same_scale = real_texture_image(real_slide, 2 * original.shape[1] + 10, original.shape[0] + 7, mpp)
+    assert same_scale.shape == (original.shape[0] + 7, 2 * original.shape[1] + 10, 3)
+    width = original.shape[1]
+    assert np.array_equal(same_scale[: original.shape[0], :width], original)  # the slide itself
+    assert np.array_equal(same_scale[: original.shape[0], width: 2 * width], original[:, ::-1])  # mirrored beside it
+    assert np.array_equal(same_scale[original.shape[0]:, :width], original[::-1][:7])  # mirrored below it
+    doubled = real_texture_image(real_slide, 400, 300, mpp / 2)
+    reference = np.asarray(Image.fromarray(original[:150, :200]).resize((400, 300), Image.Resampling.LANCZOS))
+    assert psnr(doubled[:280, :380].astype(float), reference[:280, :380]) > 30  # resampled to the new MPP

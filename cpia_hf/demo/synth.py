@@ -197,6 +197,30 @@ def write_slide(
     return path
 
 
+def real_texture_image(source: Path, width: int, height: int, mpp: float) -> np.ndarray:
+    """A `width` x `height` RGB image at `mpp` µm/px made of a real slide's texture.
+
+    The whole level 0 of `source` (a small real slide, e.g. the suite's CMU-1-Small-Region.svs) is
+    resampled with Lanczos from its own MPP to `mpp`, then mirrored into a mosaic (each copy flipped so
+    that edges meet without seams) and cropped to the requested size.
+    """
+    import openslide  # a slide reader, imported only where a real slide is read
+
+    with openslide.OpenSlide(str(source)) as slide:
+        source_mpp = float(slide.properties[openslide.PROPERTY_NAME_MPP_X])
+        region = slide.read_region((0, 0), 0, slide.dimensions).convert("RGB")
+    factor = source_mpp / mpp
+    block = np.asarray(region.resize((round(region.width * factor), round(region.height * factor)),
+                                     Image.Resampling.LANCZOS))
+    out = np.empty((height, width, 3), np.uint8)
+    side_y, side_x = block.shape[:2]
+    for j, y in enumerate(range(0, height, side_y)):
+        for i, x in enumerate(range(0, width, side_x)):
+            mirrored = block[:: -1 if j % 2 else 1, :: -1 if i % 2 else 1]
+            out[y:y + side_y, x:x + side_x] = mirrored[: height - y, : width - x]
+    return out
+
+
 def write_claimed_size_tiff(path: Path, width: int, height: int, mpp: float, tile: int = 2048,
                             levels: int = 1) -> Path:
     """A small, valid tiled JPEG TIFF claiming `width` x `height` px (and `levels` - 1 reduced levels, 4x
