@@ -12,6 +12,7 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 import numpy as np
@@ -29,6 +30,9 @@ from .coverage import count_rows, coverage, coverage_section
 from .tissue import WHITE_LEVEL
 from .units import write_atomic
 
+if TYPE_CHECKING:
+    from .licences import Clearance
+
 TABLE_COLUMNS = (("wsi", "XL"), ("wsi", "L"), ("roi", "L"), ("wsi", "M"), ("roi", "M"), ("wsi", "S"), ("roi", "S"))
 SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
@@ -38,7 +42,8 @@ GALLERY_CROP = {"XL": 960, "L": 480}  # XL/L tiles are shown as a tissue-centred
 REPO_PLACEHOLDER = "<this repo>"  # in a card written without a repo id; `cpia push` fills it in
 LICENCE_FILE = "LICENSES.md"
 STATS_FILE = "stats.json"  # rows per (subset, organ, kind, scale) of every declared config
-LICENCE_KEYS = ("license", "license_name", "license_link", "extra_gated_prompt", "extra_gated_fields")
+LICENCE_KEYS = ("license", "license_name", "license_link", "extra_gated_prompt", "extra_gated_fields",
+                "cpia_licence_acknowledgements")
 PAPER_URL = "https://doi.org/10.1016/j.bspc.2025.108148"
 PREPRINT_URL = "https://arxiv.org/abs/2310.17902"
 RELEASE_URL = "https://github.com/zhanglab2021/CPIA_Dataset"
@@ -348,16 +353,19 @@ def split_card(text: str) -> tuple[dict, str]:
     return yaml.safe_load(head) or {}, body
 
 
-def finalize_card(out_dir: Path, repo_id: str, licences: dict[str, str], homepages: dict[str, str]) -> Path:
+def finalize_card(out_dir: Path, repo_id: str, licences: dict[str, str], homepages: dict[str, str],
+                  clearance: Clearance | None = None) -> Path:
     """Make the card of `out_dir` ready for the Hub repo `repo_id`: the repo id in place of the placeholder,
-    licence metadata of the included subsets (+ LICENSES.md) and gating when a licence asks for terms."""
+    licence metadata of the included subsets (+ LICENSES.md with the licence gate's `clearance`: evidence and
+    what the publisher acknowledged) and gating when a licence asks for terms."""
     from .licences import gating_metadata, hub_licence_metadata, licence_file
 
     path = out_dir / "README.md"
     metadata, body = split_card(path.read_text(encoding="utf-8"))
     kept = {key: value for key, value in metadata.items() if key not in LICENCE_KEYS}
-    metadata = {**hub_licence_metadata(licences, LICENCE_FILE), **kept, **gating_metadata(licences)}
-    write_atomic(out_dir / LICENCE_FILE, licence_file(licences, homepages).encode())
+    acknowledged = clearance.card_metadata() if clearance else {}
+    metadata = {**hub_licence_metadata(licences, LICENCE_FILE), **kept, **gating_metadata(licences), **acknowledged}
+    write_atomic(out_dir / LICENCE_FILE, licence_file(licences, homepages, clearance).encode())
     write_atomic(path, _card_text(metadata, body.replace(REPO_PLACEHOLDER, repo_id)).encode())
     return path
 

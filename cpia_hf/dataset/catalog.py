@@ -1,7 +1,8 @@
 """Source catalog of the CPIA release: one validated entry per released sub-dataset.
 
 The catalog (conversion/catalog.yaml, installed as `cpia_hf.conversion`) says where each source's files are and
-which metadata every row of that subset carries (organ, disease, stain, field, licence).
+which metadata every row of that subset carries (organ, disease, stain, field, licence), and on what evidence its
+licence rests (`license_status`, `license_source`, `license_evidence`; see docs/sources.md).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -25,6 +26,10 @@ LABEL_SOURCES = ("parent",)
 # How a source is obtained: a plain download, an account/registration (Kaggle, grand-challenge, a form), a
 # signed data-use agreement, the NBIA Data Retriever with a TCIA manifest, or gdc-client with a GDC manifest.
 ACCESS = ("open", "registration", "agreement", "tcia", "gdc", UNKNOWN)
+# What a licence rests on: the owner's own page or file (owner), a mirror or third-party catalogue (second-hand),
+# statements that disagree (conflict), or nothing found (unknown).
+LicenceStatus = Literal["owner", "second-hand", "conflict", "unknown"]
+LICENCE_STATUSES: tuple[str, ...] = get_args(LicenceStatus)
 
 # Organ vocabulary of Table I of the CPIA paper, lower case ("Brian" in the table is brain).
 ORGANS: tuple[str, ...] = (
@@ -36,7 +41,9 @@ ORGANS: tuple[str, ...] = (
 
 REQUIRED_TEXT = ("name", "kind", "path", "pattern", "organ", "disease", "stain", "field", "license", "homepage",
                  "citation")
-OPTIONAL = ("scale", "label_from", "train_pattern", "mpp", "released_names", "expected_images", "access", "benchmarks")
+OPTIONAL = ("scale", "label_from", "train_pattern", "mpp", "released_names", "expected_images", "access", "benchmarks",
+            "license_status", "license_source", "license_evidence")
+OPTIONAL_TEXT = ("scale", "label_from", "train_pattern", "license_source", "license_evidence")
 ROI_ONLY = ("scale", "label_from", "train_pattern")
 WSI_ONLY = ("mpp",)
 
@@ -69,6 +76,10 @@ class CatalogEntry:
     access: str = UNKNOWN  # one of ACCESS: how the source is obtained
     # public benchmarks (names and Hub dataset ids) whose images come from this source: clean configs leave it out
     benchmarks: tuple[str, ...] = ()
+    # the licence's provenance: None only in catalogs that record none (then `cpia push` judges the licence alone)
+    license_status: LicenceStatus | None = None
+    license_source: str | None = None  # URL of the page or file that states the licence
+    license_evidence: str | None = None  # who says it and the phrase that says it
 
     def to_dict(self) -> dict[str, Any]:
         """Plain mapping in catalog.yaml form (unset optional fields left out), loadable again."""
@@ -92,11 +103,39 @@ def default_catalog_path() -> Path:
     return resource_path(CATALOG)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"line {line}: duplicate key {key!r} (first given at line {first_line})")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that gives one key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = first_lines.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise DuplicateKeyError(key, key_node.start_mark.line + 1, first)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The YAML document of `path`, refusing duplicate keys."""
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+
+
 def load_catalog(path: str | Path) -> list[CatalogEntry]:
     """Read and validate a catalog file; raise CatalogError naming the file, entry and problem."""
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = read_yaml(path)
+    except DuplicateKeyError as error:
+        raise CatalogError(f"{path}: {error}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise CatalogError(f"{path}: cannot read catalog: {error}") from error
     if not isinstance(document, dict):
@@ -141,7 +180,7 @@ def _validate_entry(raw: Any) -> CatalogEntry:
     missing = [key for key in REQUIRED_TEXT if key not in raw]
     if missing:
         raise ValueError(f"missing field(s) {missing}")
-    for key in REQUIRED_TEXT + ("scale", "label_from", "train_pattern"):
+    for key in REQUIRED_TEXT + OPTIONAL_TEXT:
         if key in raw and not (isinstance(raw[key], str) and raw[key].strip()):
             raise ValueError(f"{key} must be a non-empty string, got {raw[key]!r}")
 
@@ -169,6 +208,7 @@ def _validate_entry(raw: Any) -> CatalogEntry:
         raise ValueError(f"label_from {raw['label_from']!r} is not one of {LABEL_SOURCES}")
     if raw.get("access", UNKNOWN) not in ACCESS:
         raise ValueError(f"access {raw['access']!r} is not one of {ACCESS}")
+    status = _licence_status(raw)
     benchmarks = raw.get("benchmarks", [])
     if not isinstance(benchmarks, list) or not all(isinstance(b, str) and b.strip() for b in benchmarks):
         raise ValueError(f"benchmarks must be a list of non-empty names or Hub ids, got {benchmarks!r}")
@@ -183,7 +223,27 @@ def _validate_entry(raw: Any) -> CatalogEntry:
     expected_images = _per_scale(raw, "expected_images", allowed_scales, int)
     return CatalogEntry(**{**raw, "mpp": None if mpp is None else float(mpp),
                            "released_names": released_names, "expected_images": expected_images,
-                           "benchmarks": tuple(benchmarks)})
+                           "benchmarks": tuple(benchmarks), "license_status": status})
+
+
+def _licence_status(raw: dict) -> str | None:
+    """The entry's licence status, checked against its licence and evidence (unknown licence -> "unknown")."""
+    status = raw.get("license_status", UNKNOWN if raw["license"] == UNKNOWN else None)
+    if status is None:
+        return None
+    if status not in LICENCE_STATUSES:
+        raise ValueError(f"license_status {status!r} is not one of {LICENCE_STATUSES}")
+    if (status == UNKNOWN) != (raw["license"] == UNKNOWN):
+        raise ValueError(f"license {raw['license']!r} with license_status {status!r}: "
+                         f"a licence is {UNKNOWN!r} exactly when its status is")
+    source = raw.get("license_source")
+    if source is not None and not source.startswith(("https://", "http://")):
+        raise ValueError(f"license_source {source!r} is not a URL")
+    if status != UNKNOWN and source is None:
+        raise ValueError(f"license {raw['license']!r} ({status}) needs license_source: the URL that states it")
+    if status in ("second-hand", "conflict") and "license_evidence" not in raw:
+        raise ValueError(f"license_status {status!r} needs license_evidence: who states the licence, in their words")
+    return status
 
 
 def _per_scale(raw: dict, key: str, allowed_scales: tuple[str, ...], value_type: type) -> dict:

@@ -114,33 +114,33 @@ def configure_push(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--include-restricted", default="",
                         help="comma-separated subsets to push although their licence is unknown or does not allow "
                              "redistribution (you must hold the right to publish them)")
-    parser.add_argument("--catalog", type=Path, default=None, help="catalog YAML for the sources' homepages")
+    parser.add_argument("--accept-second-hand", default="", metavar="NAME,...",
+                        help="comma-separated subsets to push although their licence is known only second-hand (a "
+                             "mirror or third-party catalogue; see cpia sources and docs/sources.md): you confirmed "
+                             "it, and the card records that you did")
+    parser.add_argument("--catalog", type=Path, default=None,
+                        help="catalog YAML the folder was built with: licence evidence and homepages "
+                             "(default: the release catalog)")
     parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
 
 
 def run_push(args: argparse.Namespace) -> int:
     """Check the licences of the folder's subsets, finish its card for the repo id, upload it."""
     from .card import finalize_card, subset_licences
-    from .licences import restricted_subsets
+    from .licences import LicenceRefused, clear_for_push
 
     licences = subset_licences(args.repo)
     if not licences:
         raise ValueError(f"{args.repo}: no shards under data/; build it with `cpia convert` first")
-    named = {name.strip() for name in args.include_restricted.split(",") if name.strip()}
-    unknown = sorted(named - set(licences))
-    if unknown:
-        raise ValueError(f"--include-restricted names subsets not in {args.repo}: {unknown}")
-    refused = {s: lic for s, lic in restricted_subsets(licences).items() if s not in named}
-    if refused:
-        print(f"cpia push: refused: {len(refused)} subset(s) of {args.repo} have a licence that is unknown or does "
-              f"not allow redistribution:", file=sys.stderr)
-        for subset, licence in refused.items():
-            print(f"  {subset}: {licence}", file=sys.stderr)
-        print("Rebuild without them (cpia convert --subsets ...), or, if you hold the right to publish them, name "
-              "them in --include-restricted.", file=sys.stderr)
+    entries = load_catalog(args.catalog or default_catalog_path())
+    try:
+        clearance = clear_for_push(args.repo, licences, entries, args.include_restricted, args.accept_second_hand)
+    except LicenceRefused as refusal:
+        print(refusal, file=sys.stderr)
         return 2
-    homepages = {e.name: e.homepage for e in load_catalog(args.catalog or default_catalog_path())}
-    finalize_card(args.repo, args.repo_id, licences, homepages)
+    named = set(clearance.included_restricted)
+    homepages = {e.name: e.homepage for e in entries}
+    finalize_card(args.repo, args.repo_id, licences, homepages, clearance)
     url = push_folder(args.repo, args.repo_id, repo_type="dataset", private=not args.public,
                       commit_message=f"Upload {args.repo.name} with cpia-hf",
                       ignore_patterns=DATASET_IGNORE_PATTERNS, endpoint=args.endpoint)
