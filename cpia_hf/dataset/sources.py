@@ -4,12 +4,13 @@ Per entry: homepage, how it is obtained (catalog `access`), the folder and file 
 the licence, the release's image counts, rough disk and CPU estimates, and, given a source root, whether the
 entry is present, partial or missing with its file count.
 
-Estimates (also stated in docs/sources.md):
+Estimates (the cost table of docs/sources.md is generated from them, and every other page cites it):
 - output pixels: the release's image counts times the stored side squared (WSI tiles keep their side, ROIs
   are 384 px);
-- output bytes: OUTPUT_BYTES_PER_PIXEL for JPEG quality 90 of H&E tiles (XL tiles of 14.7 MP store as 2-4 MB);
-- CPU time: output megapixels over the measured conversion throughput, 14 (slow) to 45 (fast) output MP
-  per CPU-second (README benchmarks);
+- output bytes: OUTPUT_BYTES_PER_PIXEL for JPEG quality 90 of H&E tiles;
+- CPU time, from the rates measured by benchmarks/convert.py (docs/benchmarks.md), the one place they are kept:
+  WSI output megapixels over WSI_MP_PER_CPU_S (a unit of work: slides with little tissue are the slow end), ROIs
+  at ROI_CPU_S_PER_IMAGE each (small TIFF to large PNG), plus packing at PACK_CPU_S_PER_MB of output;
 - source bytes: WSIs from the tissue area the L tiles cover, scanned at 40x (0.25 um/px, 3.9x the standard's
   pixels), at SCANNER_BYTES_PER_PIXEL including pyramid levels and background; ROI sources at
   ROI_SOURCE_BYTES per released image. These are orders of magnitude, not quotes: check each homepage.
@@ -23,13 +24,17 @@ from pathlib import Path
 from typing import Literal
 
 from ..standard import ROI_SIDE, SCALE_SIDES, STANDARD_MPP
-from .catalog import CatalogEntry
+from .catalog import LICENCE_STATUSES, CatalogEntry
 
 State = Literal["present", "partial", "missing"]
 Format = Literal["table", "md", "csv"]
 
 OUTPUT_BYTES_PER_PIXEL = 0.2
-THROUGHPUT_MP_PER_CPU_S = (14.0, 45.0)  # slow, fast
+# Measured conversion rates (benchmarks/convert.py; docs/benchmarks.md says on what): (slow, fast) each.
+WSI_MP_PER_CPU_S = (54.0, 80.0)  # output megapixels per CPU-second of a WSI unit of work
+ROI_CPU_S_PER_IMAGE = (0.0387, 0.0056)  # CPU-seconds per ROI: decode, crop, resize, encode
+PACK_CPU_S_PER_MB = 0.003  # CPU-seconds per MB of shards written when packing `full`
+WORKED_EXAMPLE_CORES = 16  # the machine the docs' wall-time example assumes
 SCAN_MPP = 0.25
 SCANNER_BYTES_PER_PIXEL = 0.4
 ROI_SOURCE_BYTES = 500_000
@@ -60,9 +65,15 @@ class SourceRow:
 
     @property
     def cpu_hours(self) -> tuple[float, float]:
-        """(best, worst) CPU-hours of the conversion."""
-        slow, fast = THROUGHPUT_MP_PER_CPU_S
-        return self.output_mp / fast / 3600, self.output_mp / slow / 3600
+        """(best, worst) CPU-hours of the conversion: the units at the measured rates, then packing."""
+        packing = self.output_bytes / 1e6 * PACK_CPU_S_PER_MB
+        if self.entry.kind == "wsi":
+            slow, fast = WSI_MP_PER_CPU_S
+            units = (self.output_mp / fast, self.output_mp / slow)
+        else:
+            slow, fast = ROI_CPU_S_PER_IMAGE
+            units = (self.released * fast, self.released * slow)
+        return (units[0] + packing) / 3600, (units[1] + packing) / 3600
 
 
 def output_megapixels(entry: CatalogEntry) -> float:
@@ -115,13 +126,19 @@ def _record(row: SourceRow, with_state: bool) -> dict[str, str]:
     record = {
         "name": entry.name, "kind": entry.kind, "access": ACCESS_TEXT[entry.access], "homepage": entry.homepage,
         "folder": entry.path, "pattern": entry.pattern, "license": entry.license,
-        "released images": f"{row.released:,}", "source GB (est.)": f"{row.source_bytes / 1e9:,.1f}",
+        "license status": entry.license_status or "not recorded", "license source": entry.license_source or "",
+        "license evidence": entry.license_evidence or "", "released images": f"{row.released:,}", "source GB (est.)": f"{row.source_bytes / 1e9:,.1f}",
         "output GB (est.)": f"{row.output_bytes / 1e9:,.1f}", "CPU-hours (est.)": f"{best:,.1f}-{worst:,.1f}",
     }
     if with_state:
         expected = f" / {row.expected_files:,}" if row.expected_files else ""
         record.update({"state": row.state, "files": f"{row.files:,}{expected}"})
     return record
+
+
+# Columns too long for a table: the terminal shows the licence status only, Markdown adds its source, CSV has all.
+HIDDEN: dict[str, tuple[str, ...]] = {"table": ("license source", "license evidence"), "md": ("license evidence",),
+                                      "csv": ()}
 
 
 def totals(rows: list[SourceRow]) -> dict[str, float]:
@@ -135,10 +152,10 @@ def totals(rows: list[SourceRow]) -> dict[str, float]:
 def render(rows: list[SourceRow], fmt: Format, with_state: bool) -> str:
     """The survey as an aligned terminal table, a Markdown table or CSV, followed (table/md) by totals."""
     records = [_record(r, with_state) for r in rows]
-    header = list(records[0]) if records else []
+    header = [h for h in (records[0] if records else []) if h not in HIDDEN[fmt]]
     if fmt == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
         return buffer.getvalue()
@@ -153,12 +170,38 @@ def render(rows: list[SourceRow], fmt: Format, with_state: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_hours_text(rows: list[SourceRow]) -> str:
+    """The conversion cost of `rows` as the docs state it: CPU-hours, and hours on the worked example's cores."""
+    t = totals(rows)
+    best, worst = t["cpu_hours_best"], t["cpu_hours_worst"]
+    cores = WORKED_EXAMPLE_CORES
+    return f"{best:,.0f}–{worst:,.0f} CPU-hours ({best / cores:,.0f}–{worst / cores:,.0f} hours on {cores} cores)"
+
+
+def licence_counts(rows: list[SourceRow]) -> dict[str, int]:
+    """Entries per licence status, in the order owner, second-hand, conflict, unknown, not recorded."""
+    statuses = [r.entry.license_status or "not recorded" for r in rows]
+    return {s: statuses.count(s) for s in (*LICENCE_STATUSES, "not recorded") if s in statuses}
+
+
 def summary(rows: list[SourceRow], with_state: bool) -> str:
     t = totals(rows)
+    licences = ", ".join(f"{n} {s}" for s, n in licence_counts(rows).items())
     text = (f"{t['entries']} entries, {t['released']:,} released images; estimated sources {t['source_tb']:,.1f} TB, "
-            f"output {t['output_tb']:,.1f} TB, conversion {t['cpu_hours_best']:,.0f}-{t['cpu_hours_worst']:,.0f} "
-            f"CPU-hours")
+            f"output {t['output_tb']:,.1f} TB, conversion {cpu_hours_text(rows)}; licence status: {licences}")
     if with_state:
         counts = {s: sum(r.state == s for r in rows) for s in ("present", "partial", "missing")}
         text += "; " + ", ".join(f"{n} {s}" for s, n in counts.items())
     return text
+
+
+def cost_table(rows: list[SourceRow]) -> str:
+    """Markdown table of size and conversion cost per kind and in total: the one the docs cite."""
+    lines = ["| | entries | released images | sources (est.) | CPIA output (est.) | conversion (CPU-hours) |",
+             "|---|---|---|---|---|---|"]
+    for label, part in (("WSI", [r for r in rows if r.entry.kind == "wsi"]),
+                        ("ROI", [r for r in rows if r.entry.kind == "roi"]), ("**total**", rows)):
+        t = totals(part)
+        lines.append(f"| {label} | {t['entries']} | {t['released']:,} | {t['source_tb']:,.1f} TB | "
+                     f"{t['output_tb']:,.2f} TB | {t['cpu_hours_best']:,.0f}–{t['cpu_hours_worst']:,.0f} |")
+    return "\n".join(lines) + "\n"
