@@ -3,13 +3,28 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+from pathlib import Path
 
 import pytest
 import yaml
 
 from cpia_hf.cli import main
 from cpia_hf.dataset.catalog import ACCESS, default_catalog_path, load_catalog
-from cpia_hf.dataset.sources import output_megapixels, survey
+from cpia_hf.dataset.sources import (
+    OUTPUT_BYTES_PER_PIXEL,
+    PACK_CPU_S_PER_MB,
+    ROI_CPU_S_PER_IMAGE,
+    WSI_MP_PER_CPU_S,
+    cost_table,
+    cpu_hours_text,
+    output_megapixels,
+    render,
+    survey,
+)
+
+DOCS = Path(__file__).parents[1] / "docs"
+README = Path(__file__).parents[1] / "README.md"
 
 COMMON = {"organ": "breast", "disease": "unknown", "stain": "H&E", "field": "histopathology",
           "license": "CC-BY-4.0", "homepage": "https://example.org/data", "citation": "x"}
@@ -50,8 +65,14 @@ def test_states_and_counts_on_a_partial_tree(partial_tree):
     # output pixels: 2 XL of 3840^2, 30 L of 960^2, 180 M of 384^2, 170 S of 96^2
     expected_mp = (2 * 3840**2 + 30 * 960**2 + 180 * 384**2 + 170 * 96**2) / 1e6
     assert rows["wsi-here"].output_mp == pytest.approx(expected_mp)
+    packing_s = expected_mp * 1e6 * OUTPUT_BYTES_PER_PIXEL / 1e6 * PACK_CPU_S_PER_MB
+    slow, fast = WSI_MP_PER_CPU_S
     best, worst = rows["wsi-here"].cpu_hours
-    assert best == pytest.approx(expected_mp / 45 / 3600) and worst == pytest.approx(expected_mp / 14 / 3600)
+    assert best == pytest.approx((expected_mp / fast + packing_s) / 3600)
+    assert worst == pytest.approx((expected_mp / slow + packing_s) / 3600)
+    roi_slow, roi_fast = ROI_CPU_S_PER_IMAGE  # ROIs: per image, not per output pixel
+    packing_s = 5 * 384**2 * OUTPUT_BYTES_PER_PIXEL / 1e6 * PACK_CPU_S_PER_MB
+    assert rows["roi-half"].cpu_hours == pytest.approx(((5 * roi_fast + packing_s) / 3600, (5 * roi_slow + packing_s) / 3600))
 
 
 def test_cli_formats(partial_tree, capsys):
@@ -63,6 +84,8 @@ def test_cli_formats(partial_tree, capsys):
     assert by_name["gone"]["state"] == "missing" and by_name["gone"]["access"].startswith("TCIA")
     assert by_name["wsi-here"]["access"].startswith("GDC") and by_name["roi-half"]["license"] == "unknown"
     assert by_name["wsi-here"]["folder"] == "slides" and by_name["wsi-here"]["pattern"] == "**/*.svs"
+    assert by_name["roi-half"]["license status"] == "unknown"
+    assert by_name["wsi-here"]["license status"] == "not recorded"  # a licence without recorded evidence
 
     assert main(["sources", "--catalog", str(catalog), "--source-root", str(root), "--format", "md"]) == 0
     text = capsys.readouterr().out
@@ -72,6 +95,7 @@ def test_cli_formats(partial_tree, capsys):
     assert main(["sources", "--catalog", str(catalog)]) == 0  # no source root: no state column
     text = capsys.readouterr().out
     assert "state" not in text.splitlines()[0] and "released images" in text.splitlines()[0]
+    assert "license status" in text.splitlines()[0] and "licence status: 1 unknown, 4 not recorded" in text
 
     assert main(["sources", "--catalog", str(catalog), "--source-root", str(root / "nope")]) == 2
 
@@ -88,3 +112,26 @@ def test_release_catalog_is_described(capsys):
     assert len(records) == 108
     assert sum(int(r["released images"].replace(",", "")) for r in records) == 148_962_586
     assert output_megapixels(by_name["PCam"]) == pytest.approx(220025 * 384**2 / 1e6)
+
+
+def test_release_licence_status_shown(capsys):
+    assert main(["sources"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    status_at = lines[0].index("license status")
+    rows = {line.split("  ")[0]: line[status_at:].split("  ")[0] for line in lines[2:] if line.strip()}
+    assert rows["CATCH dataset"] == "second-hand" and rows["CoNSeP"] == "conflict"
+    assert rows["LYON19"] == "unknown" and rows["TCGA-BRCA"] == "owner"
+    assert lines[-1].endswith("licence status: 71 owner, 15 second-hand, 7 conflict, 15 unknown")
+
+
+def test_docs_cite_one_cost():
+    """docs/sources.md holds the generated tables; every CPU-hour figure in the README and docs is the same one."""
+    rows = survey(load_catalog(default_catalog_path()))
+    sources_md = (DOCS / "sources.md").read_text(encoding="utf-8")
+    assert cost_table(rows) in sources_md
+    assert render(rows, "md", with_state=False) in sources_md
+    total = cpu_hours_text(rows).split(" CPU-hours")[0]
+    pages = [README, *sorted(DOCS.glob("*.md"))]
+    figures = {(page.name, f) for page in pages
+               for f in re.findall(r"(\d[\d,.]*[–-]\d[\d,.]*) CPU-hours", page.read_text(encoding="utf-8"))}
+    assert figures and {f for _, f in figures} == {total}, figures

@@ -19,25 +19,32 @@ def configure_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", type=Path, default=None, help="catalog YAML (default: the release catalog)")
     parser.add_argument("--source-root", type=Path, required=True, help="folder holding the source datasets")
     parser.add_argument("--out", type=Path, required=True, help="dataset folder to write (Hub layout)")
-    parser.add_argument("--configs", default="full,mini", help="comma-separated: full, mini (default: both)")
+    parser.add_argument("--configs", default="full,mini", help="comma-separated: full, mini (default: %(default)s)")
     parser.add_argument("--subsets", default=None, help="comma-separated catalog names to convert (default: all)")
-    parser.add_argument("--workers", type=int, default=1, help="local worker processes (one unit each)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="local worker processes, one unit (a slide, or a batch of ROIs) each (default: %(default)s)")
     parser.add_argument("--scheduler", default=None, metavar="tcp://HOST:8786|auto",
                         help="run units and packing on this Dask cluster (auto: $DASK_SCHEDULER_ADDRESS) instead of "
                              "local processes; --source-root and --out must be shared by all workers "
-                             "(see docs/cluster.md; memory per worker: dask worker --memory-limit)")
-    parser.add_argument("--jpeg-quality", type=int, default=ConvertOptions.jpeg_quality)
-    parser.add_argument("--tissue-rule", choices=RULES, default=ConvertOptions.tissue_rule)
+                             "(see docs/cluster.md; memory per worker: dask worker --memory-limit; default: local "
+                             "processes)")
+    parser.add_argument("--jpeg-quality", type=int, default=ConvertOptions.jpeg_quality,
+                        help="JPEG quality (1-100) of the stored tiles and ROIs (default: %(default)s)")
+    parser.add_argument("--tissue-rule", choices=RULES, default=ConvertOptions.tissue_rule,
+                        help="mask: keep each tile with enough tissue in a thumbnail mask; release: keep XL cells "
+                             "by mean colour, as the released processing did (default: %(default)s)")
     parser.add_argument("--min-tissue-fraction", type=float, default=ConvertOptions.min_tissue_fraction,
-                        help="mask rule: keep a tile when this fraction of it is tissue")
+                        help="mask rule: keep a tile when this fraction of it is tissue (default: %(default)s)")
     parser.add_argument("--s-per-m", type=int, default=ConvertOptions.s_per_m, choices=(1, 16),
-                        help="S crops kept per M tile (the release keeps 1)")
+                        help="S crops kept per M tile; the release keeps 1 (default: %(default)s)")
     parser.add_argument("--mini-fraction", type=float, default=DEFAULT_MINI_FRACTION,
-                        help="share of WSI grid cells taken into mini")
-    parser.add_argument("--seed", type=int, default=ConvertOptions.seed)
+                        help="share of WSI grid cells taken into mini (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=ConvertOptions.seed,
+                        help="seed of every random choice: S crops, the mini selection and its shuffle, the card's "
+                             "gallery (default: %(default)s)")
     parser.add_argument("--verify-shards", action="store_true",
                         help="check the SHA-256 of every published shard (default: of those whose size or time changed)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="show no progress bars (default: shown)")
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
@@ -86,8 +93,11 @@ def run_convert(args: argparse.Namespace) -> int:
 def configure_sources(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--catalog", type=Path, default=None, help="catalog YAML (default: the release catalog)")
     parser.add_argument("--source-root", type=Path, default=None,
-                        help="folder holding the source datasets: report each entry present, partial or missing")
-    parser.add_argument("--format", choices=("table", "md", "csv"), default="table", help="output format")
+                        help="folder holding the source datasets: report each entry present, partial or missing "
+                             "(default: no presence check)")
+    parser.add_argument("--format", choices=("table", "md", "csv"), default="table",
+                        help="output: aligned table, Markdown, or CSV with every column incl. the licence evidence "
+                             "(default: %(default)s)")
     parser.add_argument("--subsets", default=None, help="comma-separated catalog names (default: all)")
 
 

@@ -170,6 +170,13 @@ def render(rows: list[SourceRow], fmt: Format, with_state: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rates_text() -> str:
+    """The measured rates behind the CPU-time estimate, as docs/sources.md states them."""
+    (wsi_slow, wsi_fast), (roi_slow, roi_fast) = WSI_MP_PER_CPU_S, ROI_CPU_S_PER_IMAGE
+    return (f"a WSI unit of work at {wsi_slow:g}–{wsi_fast:g} output megapixels per CPU-second, an ROI at "
+            f"{roi_fast * 1e3:g}–{roi_slow * 1e3:g} CPU-ms, packing at {PACK_CPU_S_PER_MB * 1e3:g} CPU-ms per MB written")
+
+
 def cpu_hours_text(rows: list[SourceRow]) -> str:
     """The conversion cost of `rows` as the docs state it: CPU-hours, and hours on the worked example's cores."""
     t = totals(rows)
