@@ -19,6 +19,7 @@ from cpia_hf.dataset.sources import (
     cost_table,
     cpu_hours_text,
     output_megapixels,
+    rates_text,
     render,
     survey,
 )
@@ -130,6 +131,7 @@ def test_docs_cite_one_cost():
     sources_md = (DOCS / "sources.md").read_text(encoding="utf-8")
     assert cost_table(rows) in sources_md
     assert render(rows, "md", with_state=False) in sources_md
+    assert " ".join(rates_text().split()) in " ".join(sources_md.split())  # the rates behind it
     total = cpu_hours_text(rows).split(" CPU-hours")[0]
     pages = [README, *sorted(DOCS.glob("*.md"))]
     figures = {(page.name, f) for page in pages
