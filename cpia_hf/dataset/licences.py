@@ -54,11 +54,6 @@ def policy(licence: str) -> LicencePolicy:
     return POLICIES.get(licence, RESTRICTED)
 
 
-def restricted_subsets(licences: dict[str, str]) -> dict[str, str]:
-    """Subset -> licence of the subsets whose licence is unknown or forbids redistribution."""
-    return {subset: lic for subset, lic in sorted(licences.items()) if not policy(lic).redistribute}
-
-
 def hub_licence_metadata(licences: dict[str, str], licence_file: str) -> dict:
     """Card metadata for the included subsets' licences: `license` (one id or a list), and for licences
     without a Hub id `license_name` / `license_link` pointing at the per-source licence file."""
