@@ -122,8 +122,8 @@ def configure_push(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo-id", required=True, help="Hub dataset repo, e.g. user/CPIA")
     parser.add_argument("--public", action="store_true", help="make a new repo public (default: private)")
     parser.add_argument("--include-restricted", default="",
-                        help="comma-separated subsets to push although their licence is unknown or does not allow "
-                             "redistribution (you must hold the right to publish them)")
+                        help="comma-separated subsets to push although their licence is unknown, conflicting or does not "
+                             "allow redistribution (you must hold the right to publish them)")
     parser.add_argument("--accept-second-hand", default="", metavar="NAME,...",
                         help="comma-separated subsets to push although their licence is known only second-hand (a "
                              "mirror or third-party catalogue; see cpia sources and docs/sources.md): you confirmed "

@@ -182,7 +182,7 @@ def cpu_hours_text(rows: list[SourceRow]) -> str:
     t = totals(rows)
     best, worst = t["cpu_hours_best"], t["cpu_hours_worst"]
     cores = WORKED_EXAMPLE_CORES
-    return f"{best:,.0f}–{worst:,.0f} CPU-hours ({best / cores:,.0f}–{worst / cores:,.0f} hours on {cores} cores)"
+    return f"{best:,.0f}–{worst:,.0f} CPU-hours ({best / cores:.2g}–{worst / cores:.2g} hours on {cores} cores)"
 
 
 def licence_counts(rows: list[SourceRow]) -> dict[str, int]:
