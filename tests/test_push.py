@@ -28,8 +28,8 @@ def built_folder(root, subsets: dict[str, str]):
 
 
 def push_args(folder, hub, **overrides):
-    values = dict(repo=folder, repo_id="someone/cpia", public=False, include_restricted="", accept_second_hand="",
-                  catalog=None, endpoint=hub.url)
+    values = dict(repo=folder, repo_id="someone/cpia", public=False, include_restricted="", catalog=None,
+                  endpoint=hub.url)
     return argparse.Namespace(**{**values, **overrides})
 
 

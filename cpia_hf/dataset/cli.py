@@ -144,7 +144,9 @@ def run_push(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.repo}: no shards under data/; build it with `cpia convert` first")
     entries = load_catalog(args.catalog or default_catalog_path())
     try:
-        clearance = clear_for_push(args.repo, licences, entries, args.include_restricted, args.accept_second_hand)
+        # absent from a namespace built by another caller: no acknowledgement, the safe reading
+        accepted = getattr(args, "accept_second_hand", "")
+        clearance = clear_for_push(args.repo, licences, entries, args.include_restricted, accepted)
     except LicenceRefused as refusal:
         print(refusal, file=sys.stderr)
         return 2
