@@ -98,13 +98,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def reply(self, status: int, body, headers: dict | None = None) -> None:
         data = json.dumps(body).encode()
-        self.send_response(status)
+        try:
+            self.send_response(status)
+        except (BrokenPipeError, ConnectionResetError):
+            return
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client is gone (a killed push)
+            pass
 
     def start(self, method: str) -> tuple[FakeHub, bytes] | None:
         """Record the request; answer it here (auth, faults) and return None, or return (hub, body)."""
