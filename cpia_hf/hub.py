@@ -103,8 +103,8 @@ def hub_error(error: BaseException, target: HubTarget) -> HubError:
             else f"the Hub refused the request (HTTP {status}): {_server_message(error)}")
         return HubError(f"{where}: {advice}")
     if isinstance(error, (_http.TransportError, ConnectionError, TimeoutError)):
-        return HubError(f"{where}: cannot reach the Hub ({type(error).__name__}); check the network "
-                        "(or --endpoint / HF_ENDPOINT) and rerun")
+        return HubError(f"{where}: cannot reach the Hub ({type(error).__name__}, after {len(RETRY_WAITS)} retries); "
+                        "check the network (or --endpoint / HF_ENDPOINT) and rerun")
     return HubError(f"{where}: {type(error).__name__}: {' '.join(str(error).split())}")
 
 
