@@ -84,8 +84,8 @@ STATUS_ADVICE = {
     401: "the token was refused: set HF_TOKEN to a valid token or run `hf auth login --force`",
     403: "the token may not write there: use a token with write access to that namespace, or a namespace you own",
     404: "not found: check the repo id (namespace/name) and that the namespace exists",
-    409: "conflict: the repo changed during the push (another push or a repo of another type); rerun to resume",
-    429: f"rate-limited by the Hub after {len(RETRY_WAITS)} retries: wait a few minutes, then rerun to resume",
+    409: "conflict: the repo changed during the push (another push, or a repo of another type); try again",
+    429: f"rate-limited by the Hub after {len(RETRY_WAITS)} retries: wait a few minutes, then try again",
 }
 
 
@@ -95,16 +95,16 @@ def hub_error(error: BaseException, target: HubTarget) -> HubError:
     if isinstance(error, HubError):
         return error
     if isinstance(error, OfflineModeIsEnabled) or constants.is_offline_mode():
-        return HubError(f"{where}: HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and rerun")
+        return HubError(f"{where}: HF_HUB_OFFLINE is set, so nothing can be pushed; unset it and try again")
     if isinstance(error, HfHubHTTPError) and error.response is not None:
         status = error.response.status_code
         advice = STATUS_ADVICE.get(status) or (
-            f"the Hub failed (HTTP {status}) after {len(RETRY_WAITS)} retries: rerun later to resume" if status >= 500
+            f"the Hub failed (HTTP {status}) after {len(RETRY_WAITS)} retries: try again later" if status >= 500
             else f"the Hub refused the request (HTTP {status}): {_server_message(error)}")
         return HubError(f"{where}: {advice}")
     if isinstance(error, (_http.TransportError, ConnectionError, TimeoutError)):
         return HubError(f"{where}: cannot reach the Hub ({type(error).__name__}, after {len(RETRY_WAITS)} retries); "
-                        "check the network (or --endpoint / HF_ENDPOINT) and rerun")
+                        "check the network (or --endpoint / HF_ENDPOINT), then try again")
     return HubError(f"{where}: {type(error).__name__}: {' '.join(str(error).split())}")
 
 
@@ -159,7 +159,7 @@ def connect(target: HubTarget, token: str | None = None) -> HfApi:
         raise hub_error(OfflineModeIsEnabled(), target)
     token = token or get_token()
     if not token:
-        raise HubError(f"{target.label}: no Hugging Face token; set HF_TOKEN or run `hf auth login`, then rerun")
+        raise HubError(f"{target.label}: no Hugging Face token; set HF_TOKEN or run `hf auth login`")
     return HfApi(endpoint=target.endpoint, token=token)
 
 

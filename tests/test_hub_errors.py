@@ -164,3 +164,19 @@ def test_cpia_push_as_a_process_in_offline_mode_prints_one_line(tmp_path):
                           timeout=300)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "someone/cpia" in done.stderr and "HF_HUB_OFFLINE" in done.stderr
+
+
+def test_train_whose_final_push_fails_says_so_in_one_line_and_keeps_the_model(fake_hub, demo_build, tmp_path,
+                                                                              monkeypatch, capfd, no_waiting):
+    from cpia_hf.demo.demo import DEMO_TRAIN_ARGS
+
+    monkeypatch.setenv("HF_TOKEN", fake_hub.token)
+    fake_hub.faults.append(Fault(r"/commit/", 503))  # the access check passes; the Hub fails at the end
+    out = tmp_path / "run"
+    status = cpia(["train", *DEMO_TRAIN_ARGS, "--no-progress", "--data", str(demo_build / "dataset"), "--out", str(out),
+                   "--push-to-hub", REPOS["train"], "--hub-endpoint", fake_hub.url])
+    assert status == 2
+    lines = [line for line in capfd.readouterr().err.split("\n") if line and not line.startswith("\r")]
+    assert len(lines) == 1 and lines[0].startswith("cpia train: error: ") and REPOS["train"] in lines[0], lines
+    assert "HTTP 503" in lines[0]
+    assert (out / "model" / "model.safetensors").is_file()  # the trained model is kept for a later push
