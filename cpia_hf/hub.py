@@ -172,7 +172,7 @@ def check_write_access(target: HubTarget, token: str | None = None) -> HfApi:
     api = connect(target, token)
     try:
         with quiet_library():
-            identity = retrying(lambda: api.whoami(cache=False))
+            identity = retrying(api.whoami)
         if not _may_write(identity, target.repo_id):
             raise HubError(f"{target.label} at {target.host}: the token of {identity.get('name', '?')} is "
                            "read-only there; create a token with write access (hf.co/settings/tokens)")
