@@ -6,8 +6,13 @@ under the folder's ``.cache/huggingface/`` (never uploaded): a rerun after an in
 files that log and the repo both hold, unchanged, without reading them again; an unfinished commit is
 sent again (the Hub's xet storage deduplicates what already reached it).
 
-Every failure at the Hub boundary (no token, offline mode, no network, an HTTP error after the
-library's retries) becomes one ``HubError`` line that names the repo and says what to do.
+Requests the Hub may answer later (429, 5xx, no connection) are tried again after each of ``RETRY_WAITS``.
+Every failure at the Hub boundary (no token, offline mode, no network, an HTTP error after the retries)
+becomes one ``HubError`` line that names the repo and says what to do.
+
+huggingface_hub 2.x has no ``upload_large_folder`` any more, and its ``upload_folder`` resumes by reading
+and hashing every file again (6.4 TB for the release) with commits of up to 1,000 files; hence the
+bounded commits of ``create_commit`` here and the log of finished ones.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import Callable, Iterator, Literal, TypeVar
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+from tqdm.auto import tqdm
 
 from .atomic import TEMP_GLOB
 
@@ -58,7 +64,7 @@ class HubTarget:
     repo_id: str
     repo_type: RepoType = "dataset"
     endpoint: str | None = None  # None: HF_ENDPOINT or huggingface.co
-    private: bool = True
+    private: bool | None = True  # None: the Hub's default for the namespace
 
     @property
     def label(self) -> str:
@@ -197,7 +203,7 @@ def _may_write(identity: dict, repo_id: str) -> bool:
                for g in grants)
 
 
-def require_push_access(repo_id: str | None, repo_type: RepoType, *, endpoint: str | None, private: bool,
+def require_push_access(repo_id: str | None, repo_type: RepoType, *, endpoint: str | None, private: bool | None,
                         command: str) -> None:
     """For commands that push at their end: check the token and write access now; on failure print one
     line and exit with status 2 (SystemExit), before any work is done. Nothing happens when `repo_id` is None."""
@@ -299,7 +305,7 @@ def _operations(folder: Path, paths: list[str], replacements: dict[str, bytes]) 
         yield CommitOperationAdd(path_in_repo=path, path_or_fileobj=content)
 
 
-def push_folder(folder: Path, repo_id: str, *, repo_type: RepoType = "dataset", private: bool = True,
+def push_folder(folder: Path, repo_id: str, *, repo_type: RepoType = "dataset", private: bool | None = True,
                 commit_message: str = "Upload with cpia-hf", ignore_patterns: list[str] | None = None,
                 token: str | None = None, endpoint: str | None = None,
                 replacements: dict[str, bytes] | None = None, resumable: bool = False) -> PushResult:
@@ -332,6 +338,7 @@ def push_folder(folder: Path, repo_id: str, *, repo_type: RepoType = "dataset", 
             result.skipped = [p for p in paths if p in done]
             commits = plan_commits({p: stamps[p][0] for p in paths if p not in done})
             commits += plan_commits({p: len(content) for p, content in replacements.items()})
+            bar = tqdm(total=sum(map(len, commits)), unit="file", desc=f"push {repo_id}", disable=None)  # TTY only
             for index, batch in enumerate(commits):
                 message = commit_message if len(commits) == 1 else f"{commit_message} ({index + 1}/{len(commits)})"
                 operations = list(_operations(folder, batch, replacements))
@@ -341,6 +348,8 @@ def push_folder(folder: Path, repo_id: str, *, repo_type: RepoType = "dataset", 
                     log.record(info.oid, {p: stamps[p] for p in batch if p in stamps})
                 result.sent += batch
                 result.commits += 1
+                bar.update(len(batch))
+            bar.close()
     except Exception as error:  # noqa: BLE001  every failure at the boundary becomes one line
         raise hub_error(error, target) from error
     return result

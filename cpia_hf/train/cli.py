@@ -222,7 +222,7 @@ def method_options(args: argparse.Namespace, method: str, from_recipe: dict) -> 
 def run_train(args: argparse.Namespace) -> int:
     """Run `cpia train`; returns the exit status."""
     cfg = build_config(args)
-    require_push_access(cfg.push_to_hub, "model", endpoint=cfg.hub_endpoint, private=bool(cfg.private),
+    require_push_access(cfg.push_to_hub, "model", endpoint=cfg.hub_endpoint, private=cfg.private,
                         command="cpia train")
     context = train(cfg, METHODS[cfg.method])
     if PartialState().is_main_process:
