@@ -44,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cpia {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:  # a failure at the Hub boundary (push, export, train --push-to-hub): one line
+        from .hub import HubError  # already imported by every command that talks to the Hub
+
+        if not isinstance(error, HubError) or args.verbose:
+            raise
+        print(f"cpia {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cpia_hf.dataset.card import REPO_PLACEHOLDER, finalize_card, pick_gallery, split_card, subset_licences, tissue_crop
+from cpia_hf.dataset.card import LICENCE_FILE, REPO_PLACEHOLDER, card_for_repo, pick_gallery, split_card, subset_licences, tissue_crop
 
 AUTHORS = ("Ying, Nan", "Lei, Yanli", "Zhang, Tianyi", "Lyu, Shangqing", "Chen, Sicheng", "Liu, Zeyu", "Feng, Yunlu",
            "Zhao, Yu", "Zhang, Guanglei")
@@ -49,18 +49,20 @@ def test_demo_card_gallery_citation_and_differences(demo_build: Path) -> None:
     assert "set_transform" in text and "mix image sizes" in text
 
 
-def test_finalized_card_has_no_placeholder(demo_build: Path, tmp_path: Path) -> None:
-    import shutil
-
-    folder = tmp_path / "dataset"
-    shutil.copytree(demo_build / "dataset", folder, ignore=shutil.ignore_patterns(".work"))
-    assert REPO_PLACEHOLDER in (folder / "README.md").read_text()
+def test_built_card_has_licences_and_the_card_for_a_repo_its_id(demo_build: Path) -> None:
+    folder = demo_build / "dataset"
+    built = {name: (folder / name).read_bytes() for name in ("README.md", LICENCE_FILE)}
+    assert REPO_PLACEHOLDER in built["README.md"].decode()
     licences = subset_licences(folder)
     assert licences == {s: "CC-BY-4.0" for s in ("demo-breast-wsi", "demo-colon-wsi", "demo-lung-roi",
                                                   "demo-blood-roi")}
-    finalize_card(folder, "someone/CPIA", licences, {})
-    text = (folder / "README.md").read_text()
+    built_metadata, _ = split_card(built["README.md"].decode())  # written by the build, before any push
+    assert built_metadata["license"] == "cc-by-4.0" and built_metadata["license_link"] == LICENCE_FILE
+    assert all(f"| {subset} | CC-BY-4.0 |" in built[LICENCE_FILE].decode() for subset in licences)
+    card = card_for_repo(folder, "someone/CPIA", licences, {})
+    assert {name: (folder / name).read_bytes() for name in built} == built  # rendered in memory only
+    text = card["README.md"].decode()
     assert REPO_PLACEHOLDER not in text and 'load_dataset("someone/CPIA", "mini"' in text
     metadata, _ = split_card(text)
-    assert metadata["license"] == "cc-by-4.0" and "extra_gated_prompt" not in metadata
+    assert metadata == built_metadata and "extra_gated_prompt" not in metadata
     assert [c["config_name"] for c in metadata["configs"]][0] == "full"

@@ -47,14 +47,24 @@ def test_cpia_push_uploads_exactly_the_dataset_files(fake_hub, tmp_path, monkeyp
     args = argparse.Namespace(repo=folder, repo_id="someone/cpia-test", public=False, include_restricted="",
                               catalog=None, endpoint=fake_hub.url)
 
+    built = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
     assert run_push(args) == 0
 
-    finished = {name: (folder / name).read_bytes() for name in ("README.md", "LICENSES.md")}  # card for the repo
-    assert fake_hub.received_files("dataset", "someone/cpia-test") == {**files, **finished}
+    received = fake_hub.received_files("dataset", "someone/cpia-test")
+    assert {k: v for k, v in received.items() if k not in ("README.md", "LICENSES.md")} == {
+        k: v for k, v in files.items() if k != "README.md"}
+    assert received["README.md"].startswith(b"---\nlicense: cc-by-4.0\nlicense_link: LICENSES.md\n")
+    assert received["README.md"].endswith(b"# CPIA test\n") and b"| bach | CC-BY-4.0 |" in received["LICENSES.md"]
+    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert {k: v for k, v in local.items() if not k.startswith(".cache/huggingface/")} == built  # left as built
     assert [path for _, path, _ in fake_hub.requests] == [
-        "/api/repos/create", "/api/validate-yaml", "/api/datasets/someone/cpia-test/preupload/main",
+        "/api/whoami-v2", "/api/repos/create",
+        "/api/datasets/someone/cpia-test/preupload/main", "/api/datasets/someone/cpia-test/commit/main",  # data
+        "/api/validate-yaml", "/api/datasets/someone/cpia-test/preupload/main",  # then the card
         "/api/datasets/someone/cpia-test/commit/main",
     ]
+    assert [c["files"] for c in fake_hub.commits] == [sorted(set(files) - {"README.md"}), ["README.md", "LICENSES.md"]]
     assert fake_hub.created == [{"name": "cpia-test", "organization": "someone", "visibility": "private",
                                  "type": "dataset"}]
     assert {auth for _, _, auth in fake_hub.requests} == {f"Bearer {fake_hub.token}"}
@@ -70,7 +80,8 @@ def test_cpia_push_uploads_exactly_the_dataset_files(fake_hub, tmp_path, monkeyp
     assert run_push(args) == 0
     received = fake_hub.received_files("dataset", "someone/cpia-test")
     assert received["data/mini/L/camelyon/camelyon-00000.parquet"] == shard_bytes("camelyon")
-    assert len(received) == len(files) + 2
+    assert len(received) == len(files) + 2  # the new shard and LICENSES.md
+    assert fake_hub.commits[-2]["files"] == ["data/mini/L/camelyon/camelyon-00000.parquet"]  # only the new file
 
 
 def test_push_refuses_folders_over_hub_limits_before_any_request(fake_hub, tmp_path, monkeypatch):
@@ -98,7 +109,7 @@ def test_push_without_token_fails_clearly(tmp_path, monkeypatch):
     folder = tmp_path / "cpia"
     dataset_folder(folder)
     monkeypatch.setattr(hub, "get_token", lambda: None)
-    with pytest.raises(PermissionError, match="HF_TOKEN"):
+    with pytest.raises(hub.HubError, match="dataset repo someone/cpia: no Hugging Face token; set HF_TOKEN"):
         hub.push_folder(folder, "someone/cpia", endpoint="http://127.0.0.1:9")
 
 

@@ -1,4 +1,4 @@
-"""`cpia push`: private by default, restricted licences refused unless named, card finished for the repo id."""
+"""`cpia push`: private by default, restricted licences refused unless named, card rendered for the repo id."""
 from __future__ import annotations
 
 import argparse
@@ -73,4 +73,24 @@ def test_public_only_when_asked_and_no_gating_for_open_licences(fake_hub, tmp_pa
     assert fake_hub.created[0]["visibility"] == "public"
     metadata = yaml.safe_load(fake_hub.received_files("dataset", "someone/cpia")["README.md"].decode().split("---\n")[1])
     assert metadata["license"] == ["cc-by-4.0", "cc0-1.0"]
-    assert "extra_gated_prompt" not in metadata and "license_link" not in metadata
+    assert "extra_gated_prompt" not in metadata and "license_name" not in metadata
+    assert metadata["license_link"] == "LICENSES.md"  # each subset keeps its licence: always listed
+
+
+def local_bytes(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and ".cache" not in p.parts}
+
+
+def test_a_push_to_another_id_gets_its_own_card_and_the_folder_stays_as_built(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", fake_hub.token)
+    folder = built_folder(tmp_path / "cpia", {"open-a": "CC-BY-4.0"})
+    built = local_bytes(folder)
+    assert run_push(push_args(folder, fake_hub, repo_id="me/CPIA")) == 0
+    assert run_push(push_args(folder, fake_hub, repo_id="other/CPIA")) == 0
+    assert local_bytes(folder) == built  # nothing written into the folder (the push log lives under .cache)
+    first = fake_hub.received_files("dataset", "me/CPIA")["README.md"].decode()
+    second = fake_hub.received_files("dataset", "other/CPIA")["README.md"].decode()
+    assert 'load_dataset("me/CPIA")' in first and "other/CPIA" not in first
+    assert 'load_dataset("other/CPIA")' in second and "me/CPIA" not in second
+    assert split_card(first)[0] == split_card(second)[0]

@@ -27,6 +27,7 @@ from ..schema import FEATURES
 from ..standard import FOLDERS, RELEASE_FOLDERS, SCALE_SIDES, SCALES, STANDARD_MPP, stable_unit_float
 from .catalog import CatalogEntry, subset_slug
 from .coverage import count_rows, coverage, coverage_section
+from .licences import gating_metadata, hub_licence_metadata, licence_file
 from .tissue import WHITE_LEVEL
 from .units import write_atomic
 
@@ -39,7 +40,7 @@ SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"
 GALLERY_PER_SCALE = 8
 GALLERY_TILE = 256  # px per gallery tile
 GALLERY_CROP = {"XL": 960, "L": 480}  # XL/L tiles are shown as a tissue-centred crop of this side (detail visible)
-REPO_PLACEHOLDER = "<this repo>"  # in a card written without a repo id; `cpia push` fills it in
+REPO_PLACEHOLDER = "<this repo>"  # in the built card; the card `cpia push` uploads has the repo id in its place
 LICENCE_FILE = "LICENSES.md"
 STATS_FILE = "stats.json"  # rows per (subset, organ, kind, scale) of every declared config
 LICENCE_KEYS = ("license", "license_name", "license_link", "extra_gated_prompt", "extra_gated_fields",
@@ -228,7 +229,8 @@ def write_dataset_card(
     out_dir: Path, entries: list[CatalogEntry], *, configs: tuple[str, ...], mini_fraction: float, options,
     repo_id: str | None = None,
 ) -> Path:
-    """Write README.md (YAML configs + dataset_info + statistics) and its PNG assets into `out_dir`."""
+    """Write README.md (YAML configs + dataset_info + statistics + licence metadata), LICENSES.md and the card's
+    PNG assets into `out_dir`."""
     main = "full" if "full" in configs else configs[0]
     main_files = shard_files(out_dir, config_globs((main,), [])[main])
     counts = {main: read_counts(main_files)}  # stats.json: every declared config's rows per subset/organ/kind/scale
@@ -247,8 +249,6 @@ def write_dataset_card(
         if captions:
             galleries[scale] = captions
     metadata = {
-        "license": "other",
-        "license_name": "cpia-source-licenses",
         "pretty_name": "CPIA",
         "task_categories": ["image-feature-extraction", "image-classification"],
         "tags": ["pathology", "histopathology", "cytopathology", "whole-slide-images", "medical",
@@ -288,6 +288,8 @@ def write_dataset_card(
     )
     if "full" in configs:  # the rebuild against the release's counts
         body += coverage_section(coverage(count_rows(out_dir / "data" / "full"), entries, options.s_per_m))
+    metadata, licence_text = with_licences(metadata, subset_licences(out_dir), {e.name: e.homepage for e in entries})
+    write_atomic(out_dir / LICENCE_FILE, licence_text.encode())
     path = out_dir / "README.md"
     write_atomic(path, _card_text(metadata, body).encode())
     write_atomic(out_dir / STATS_FILE, json.dumps(
@@ -353,21 +355,28 @@ def split_card(text: str) -> tuple[dict, str]:
     return yaml.safe_load(head) or {}, body
 
 
-def finalize_card(out_dir: Path, repo_id: str, licences: dict[str, str], homepages: dict[str, str],
-                  clearance: Clearance | None = None) -> Path:
-    """Make the card of `out_dir` ready for the Hub repo `repo_id`: the repo id in place of the placeholder,
-    licence metadata of the included subsets (+ LICENSES.md with the licence gate's `clearance`: evidence and
-    what the publisher acknowledged) and gating when a licence asks for terms."""
-    from .licences import gating_metadata, hub_licence_metadata, licence_file
-
-    path = out_dir / "README.md"
-    metadata, body = split_card(path.read_text(encoding="utf-8"))
+def with_licences(metadata: dict, licences: dict[str, str], homepages: dict[str, str],
+                  clearance: Clearance | None = None) -> tuple[dict, str]:
+    """Card metadata carrying the licences of `licences` (subset -> licence): `license`, `license_link` to
+    LICENSES.md (always: each subset keeps its own licence), gating when a licence asks for terms and what the
+    publisher acknowledged (the licence gate's `clearance`); and the text of LICENSES.md."""
     kept = {key: value for key, value in metadata.items() if key not in LICENCE_KEYS}
+    licence_keys = {**hub_licence_metadata(licences, LICENCE_FILE), "license_link": LICENCE_FILE}
     acknowledged = clearance.card_metadata() if clearance else {}
-    metadata = {**hub_licence_metadata(licences, LICENCE_FILE), **kept, **gating_metadata(licences), **acknowledged}
-    write_atomic(out_dir / LICENCE_FILE, licence_file(licences, homepages, clearance).encode())
-    write_atomic(path, _card_text(metadata, body.replace(REPO_PLACEHOLDER, repo_id)).encode())
-    return path
+    metadata = {**licence_keys, **kept, **gating_metadata(licences), **acknowledged}
+    return metadata, licence_file(licences, homepages, clearance)
+
+
+def card_for_repo(out_dir: Path, repo_id: str, licences: dict[str, str], homepages: dict[str, str],
+                  clearance: Clearance | None = None) -> dict[str, bytes]:
+    """README.md and LICENSES.md as the Hub repo `repo_id` gets them (repo path -> bytes): the built card with
+    the repo id in place of the placeholder, the licence metadata of the pushed subsets and the licence gate's
+    `clearance`. Rendered in memory at every push: the folder stays as built, so a push to another id starts
+    from the same card."""
+    metadata, body = split_card((out_dir / "README.md").read_text(encoding="utf-8"))
+    metadata, licence_text = with_licences(metadata, licences, homepages, clearance)
+    return {"README.md": _card_text(metadata, body.replace(REPO_PLACEHOLDER, repo_id)).encode(),
+            LICENCE_FILE: licence_text.encode()}
 
 
 def _card_text(metadata: dict, body: str) -> str:

@@ -135,8 +135,11 @@ def configure_push(parser: argparse.ArgumentParser) -> None:
 
 
 def run_push(args: argparse.Namespace) -> int:
-    """Check the licences of the folder's subsets, finish its card for the repo id, upload it."""
-    from .card import finalize_card, subset_licences
+    """Check the licences of the folder's subsets, upload the folder with the card rendered for the repo id.
+
+    Resumable: a rerun after an interruption skips what earlier runs committed (see cpia_hf.hub)."""
+    from ..hub import HubError
+    from .card import card_for_repo, subset_licences
     from .licences import LicenceRefused, clear_for_push
 
     licences = subset_licences(args.repo)
@@ -152,10 +155,17 @@ def run_push(args: argparse.Namespace) -> int:
         return 2
     named = set(clearance.included_restricted)
     homepages = {e.name: e.homepage for e in entries}
-    finalize_card(args.repo, args.repo_id, licences, homepages, clearance)
-    url = push_folder(args.repo, args.repo_id, repo_type="dataset", private=not args.public,
-                      commit_message=f"Upload {args.repo.name} with cpia-hf",
-                      ignore_patterns=DATASET_IGNORE_PATTERNS, endpoint=args.endpoint)
-    print(f"pushed {args.repo} to {url} ({'public' if args.public else 'private'}; "
-          f"{len(licences)} subsets{', incl. restricted ' + ', '.join(sorted(named)) if named else ''})")
+    try:
+        result = push_folder(args.repo, args.repo_id, repo_type="dataset", private=not args.public,
+                             commit_message=f"Upload {args.repo.name} with cpia-hf",
+                             ignore_patterns=DATASET_IGNORE_PATTERNS, endpoint=args.endpoint,
+                             replacements=card_for_repo(args.repo, args.repo_id, licences, homepages, clearance),
+                             resumable=True)
+    except HubError as error:
+        print(f"cpia push: error: {error}", file=sys.stderr)
+        return 2
+    resumed = f", {len(result.skipped)} already there from an earlier push" if result.skipped else ""
+    print(f"pushed {args.repo} to {result.url} ({'public' if args.public else 'private'}; "
+          f"{len(licences)} subsets{', incl. restricted ' + ', '.join(sorted(named)) if named else ''}; "
+          f"{len(result.sent)} files in {result.commits} commits{resumed})")
     return 0

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from ..hub import push_folder
+from ..hub import HubError, push_folder, require_push_access
 from .backbone import backbone_from_weights, load_backbone_from_checkpoint
 from .card import CARD_CONTEXT, ModelCardContext
 from .export import export_encoder
@@ -29,6 +30,7 @@ def configure_export(parser: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    require_push_access(args.push_to_hub, "model", endpoint=args.endpoint, private=args.private, command="cpia export")
     if args.checkpoint is not None:
         backbone = load_backbone_from_checkpoint(args.checkpoint)
         architecture = backbone.pretrained_cfg["architecture"]
@@ -46,7 +48,11 @@ def run_export(args: argparse.Namespace) -> int:
     paths = export_encoder(backbone, args.out, model_name=model_name, card_context=card_context)
     print(f"exported {model_name} to {paths['root']}")
     if args.push_to_hub:
-        url = push_folder(args.out, args.push_to_hub, repo_type="model", private=args.private,
-                          commit_message=f"Upload {model_name}", endpoint=args.endpoint)
-        print(f"pushed to {url}")
+        try:
+            result = push_folder(args.out, args.push_to_hub, repo_type="model", private=args.private,
+                                 commit_message=f"Upload {model_name}", endpoint=args.endpoint)
+        except HubError as error:
+            print(f"cpia export: error: {error}; the exported folder {args.out} is kept", file=sys.stderr)
+            return 2
+        print(f"pushed to {result.url}")
     return 0

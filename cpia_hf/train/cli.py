@@ -13,7 +13,7 @@ import yaml
 from accelerate import PartialState
 
 from ..dataset.card import pretraining_record
-from ..hub import push_folder
+from ..hub import push_folder, require_push_access
 from ..model.backbone import load_backbone_from_checkpoint
 from ..model.card import ModelCardContext
 from ..model.export import export_encoder
@@ -222,6 +222,8 @@ def method_options(args: argparse.Namespace, method: str, from_recipe: dict) -> 
 def run_train(args: argparse.Namespace) -> int:
     """Run `cpia train`; returns the exit status."""
     cfg = build_config(args)
+    require_push_access(cfg.push_to_hub, "model", endpoint=cfg.hub_endpoint, private=cfg.private,
+                        command="cpia train")
     context = train(cfg, METHODS[cfg.method])
     if PartialState().is_main_process:
         print(f"{cfg.method}: {context.steps} steps, final loss {context.final_loss:.4f}, output in {cfg.out}")
