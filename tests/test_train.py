@@ -109,7 +109,7 @@ def test_streaming_is_split_across_processes(dataset_dir: Path, tmp_path: Path, 
     # datasets sleeps 5 s after each pass over several Parquet files (pyarrow thread shutdown).
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
     rows = load_pretrain_rows(str(dataset_dir), "mini", streaming=True, cache_dir=str(tmp_path / "cache"))
-    view = MAEView(AugmentConfig(img_size=32))
+    view = MAEView(AugmentConfig(img_size=32, crop_scale=(0.2, 1.0)))
     loaders = [build_loader(rows, view, batch_size=4, num_workers=0, seed=0, process_index=rank, num_processes=2)
                for rank in (0, 1)]
     seen = [{row["image_id"] for row in loader.dataset.rows} for loader in loaders]
@@ -120,7 +120,7 @@ def test_streaming_is_split_across_processes(dataset_dir: Path, tmp_path: Path, 
 
 def test_views_are_seeded_per_image_and_epoch(dataset_dir: Path, tmp_path: Path) -> None:
     rows = load_pretrain_rows(str(dataset_dir), "mini", cache_dir=str(tmp_path / "cache"))
-    augment = AugmentConfig(img_size=32, local_size=16, local_crops=3, stain_jitter=0.05)
+    augment = AugmentConfig(img_size=32, crop_scale=(0.4, 1.0), local_size=16, local_crops=3, stain_jitter=0.05)
     crops = MultiCrop(augment)
     first = make_views(rows[0], 0, crops, seed=1, epoch=0)
     assert [tuple(c.shape) for c in first] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
