@@ -12,7 +12,8 @@ def configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for sources, dataset and model")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--convert-only", action="store_true", help="stop after the dataset conversion")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (conversion, training, export, loading back)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -21,6 +22,6 @@ def run_demo(args: argparse.Namespace) -> int:
     if status or args.convert_only:
         return status
     model_dir = train_demo_model(args.out / "dataset", args.out / "mae-tiny", progress=not args.no_progress)
-    features = demo_features(model_dir, args.out / "dataset")
+    features = demo_features(model_dir, args.out / "dataset", progress=not args.no_progress)
     print(f"model exported to {model_dir}; AutoModel.from_pretrained features of 4 mini tiles: {tuple(features.shape)}")
     return 0

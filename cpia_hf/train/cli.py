@@ -18,6 +18,7 @@ from ..hub import push_folder
 from ..model.backbone import load_backbone_from_checkpoint
 from ..model.card import ModelCardContext
 from ..model.export import export_encoder
+from ..model.progress import library_progress
 from . import METHODS
 from .augment import AugmentConfig
 from .config import TrainConfig, method_default_text
@@ -212,11 +213,12 @@ def method_options(args: argparse.Namespace, method: str, from_recipe: dict) -> 
 def run_train(args: argparse.Namespace) -> int:
     """Run `cpia train`; returns the exit status."""
     cfg = build_config(args)
-    context = train(cfg, METHODS[cfg.method])
-    if PartialState().is_main_process:
-        print(f"{cfg.method}: {context.steps} steps, final loss {context.final_loss:.4f}, output in {cfg.out}")
-        if cfg.export:
-            publish_run(cfg, context)
+    with library_progress(cfg.progress):
+        context = train(cfg, METHODS[cfg.method])
+        if PartialState().is_main_process:
+            print(f"{cfg.method}: {context.steps} steps, final loss {context.final_loss:.4f}, output in {cfg.out}")
+            if cfg.export:
+                publish_run(cfg, context)
     return 0
 
 
