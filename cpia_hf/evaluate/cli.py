@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from ..model.cli import show_defaults
 from .data import LabelledData, load_labelled_data
 from .features import encoder_fingerprint, extract_features
-from .leakage import note_leakage
+from .leakage import EvaluatedSplit, note_leakage
 from .metrics import (
     METRIC_NAMES,
     METRIC_TITLES,
@@ -54,6 +54,8 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=4,
                         help="DataLoader workers (capped at the CPUs available)")
     parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="mixed precision")
+    parser.add_argument("--catalog", type=Path, default=None,
+                        help="source catalog for the benchmark-leakage check (default: the project's catalog)")
     parser.add_argument("--card", type=Path, default=None,
                         help="model card (README.md) to fold the results into (default: none)")
     knn_args = parser.add_argument_group("kNN")
@@ -148,8 +150,17 @@ def run_eval(args: argparse.Namespace) -> int:
                 print(f"cpia eval: error: results written to {args.out}, but not to the card: {error}",
                       file=sys.stderr)
                 return 2
-        note_leakage(args.model, args.data, args.dataset_name, args.out, args.card)  # pre-training held the benchmark?
+        note_leakage(args.model, args.data, args.dataset_name, args.out, args.card,  # pre-training held the benchmark?
+                     evaluated_split(data), args.catalog)
     return 0
+
+
+def evaluated_split(data: LabelledData) -> EvaluatedSplit:
+    """The test split: where its images come from (the dataset's `train` split is its training split)."""
+    test = data.splits["test"]
+    how = "made from" if test.made else "which is"
+    return EvaluatedSplit(f"test split ({how} split `{test.source_split}` of {data.name})",
+                          from_training_split=test.source_split == "train")
 
 
 def _outcome(settings, runs: list[tuple[int | None, dict]], data: LabelledData) -> dict:

@@ -29,6 +29,10 @@ HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # namespace/name: what `datasets:` metadata may name
 METHOD_NAMES = {"mae": "MAE", "mocov3": "MoCo v3", "dino": "DINO"}
 EVAL_START, EVAL_END = "<!-- evaluation:start -->", "<!-- evaluation:end -->"
+# Where the CPIA sources and their licences are listed: the dataset card on the Hub (and its LICENSES.md,
+# which `cpia push` writes), else the original release, for a model trained on a local folder.
+CPIA_RELEASE_URL = "https://github.com/zhanglab2021/CPIA_Dataset"
+DATASET_LICENCE_FILE = "LICENSES.md"
 RECIPE_FIELDS = (
     ("method", "Method"), ("dataset", "Data"), ("dataset_config", "Data config"), ("base_model", "Initialised from"),
     ("steps", "Steps"), ("epochs", "Epochs"), ("global_batch_size", "Global batch"), ("lr", "Learning rate"),
@@ -270,12 +274,27 @@ def dataset_name(dataset: str) -> str:
     return dataset if HUB_ID.match(dataset) else Path(dataset).name
 
 
+def dataset_card_url(dataset: str | None) -> str:
+    """The card that lists the CPIA sources and their licences: the Hub dataset's, else the release's."""
+    if dataset and HUB_REPO_ID.match(dataset):
+        return f"https://huggingface.co/datasets/{dataset}"
+    return CPIA_RELEASE_URL
+
+
+def licence_link(dataset: str | None) -> str:
+    """`license_link` of a card under the sources' terms: the Hub dataset's licence file, else the release."""
+    if dataset and HUB_REPO_ID.match(dataset):
+        return f"{dataset_card_url(dataset)}/blob/main/{DATASET_LICENCE_FILE}"
+    return CPIA_RELEASE_URL
+
+
 def card_data(context: ModelCardContext) -> ModelCardData:
     """Hub metadata of the card."""
     license_id = context.license
     return ModelCardData(
         license=license_id,
         license_name="cpia-source-licenses" if license_id == "other" else None,
+        license_link=licence_link(context.dataset) if license_id == "other" else None,
         library_name="timm",
         pipeline_tag="image-feature-extraction",
         tags=["pathology", "histology", "self-supervised", "vision-transformer", "cpia"]
@@ -327,6 +346,7 @@ def write_model_card(out_dir: Path, card_context: ModelCardContext | dict, *, re
         loss_curve=LOSS_CURVE_NAME if context.loss_history else None,
         evaluation_table=evaluation_table(context.evaluation),
         standard_mpp=STANDARD_MPP,
+        dataset_card_url=dataset_card_url(context.dataset),
     )
     path = out_dir / "README.md"
     card.save(path)
