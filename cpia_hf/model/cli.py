@@ -37,7 +37,8 @@ def configure_export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="model name on the card (default: repo id or output folder name)")
     parser.add_argument("--card-context", type=Path,
                         help="JSON of the training run for the card (default: <checkpoint>/card_context.json)")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this model repo (default: no upload)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID",
+                        help="upload the folder to this model repo (default: no upload)")
     parser.add_argument("--private", action="store_true", help="create the Hub repo private")
     parser.add_argument("--endpoint", metavar="URL", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (writing the weights, upload)")

@@ -85,7 +85,8 @@ def flag_of(item: Field) -> str:
 def argument_of(item: Field, kind: Any, default_text: str) -> dict[str, Any]:
     """argparse keyword arguments of a setting of type `kind` (unset: None, so a recipe can fill it)."""
     options: dict[str, Any] = {"dest": item.name, "default": None}
-    kind = next((arg for arg in get_args(kind) if arg is not type(None)), kind) if type(None) in get_args(kind) else kind
+    if type(None) in get_args(kind):  # `X | None`: the flag takes an X
+        kind = next(arg for arg in get_args(kind) if arg is not type(None))
     origin = get_origin(kind)
     if kind is bool:
         return {**options, "action": "store_const", "const": not item.default, "help": item.metadata["help"]}

@@ -39,7 +39,8 @@ class TrainConfig:
                                help="pretrained timm weights to start from")
     model_name: str | None = setting(None, group="model", shown="<arch>.cpia_<method>_<config>",
                                      help="name of the published model")
-    scales: list[str] = setting(default_factory=list, group="data", shown="all", help="keep only these scales (XL L M S)")
+    scales: list[str] = setting(default_factory=list, group="data", shown="all",
+                                help="keep only these scales (XL L M S)")
     organs: list[str] = setting(default_factory=list, group="data", shown="all", help="keep only these organs")
     streaming: bool = setting(False, help="stream the config instead of downloading it (large configs)", group="data")
     cache_dir: str | None = setting(None, help="datasets cache folder", shown="the datasets library's", group="data")
