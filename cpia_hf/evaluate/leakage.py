@@ -87,7 +87,8 @@ def leak_text(leak: dict, evaluated: EvaluatedSplit) -> tuple[str, bool]:
     """One leak in words, and whether the evaluated split may hold images seen in pre-training."""
     named = f"{leak['subset']} ({', '.join(leak['benchmarks'])})" if leak["benchmarks"] else leak["subset"]
     if leak["training_split_only"] is None:
-        return f"{named}: which of its splits entered pre-training is unknown (not in the catalog)", True
+        return (f"{named}: which of its splits entered pre-training is unknown (not in the catalog; "
+                "`cpia eval --catalog` names the one the data was built from)"), True
     if not leak["training_split_only"]:
         return (f"{named}: all of its images entered pre-training, so the evaluated {evaluated.description} "
                 "was among them"), True
