@@ -55,8 +55,10 @@ class MethodOption:
         return "--" + self.name.replace("_", "-")
 
     def help_text(self) -> str:
-        shown = {True: "1", False: "0"}
-        return "; ".join(f"[{method}] {text} (default: {shown.get(default, default)})"
+        def shown(default: Any) -> Any:
+            return int(default) if isinstance(default, bool) else default
+
+        return "; ".join(f"[{method}] {text} (default: {shown(default)})"
                          for method, (default, text) in self.per_method.items())
 
 
