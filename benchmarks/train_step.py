@@ -33,6 +33,7 @@ from transformers import ViTMAEConfig, ViTMAEForPreTraining  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cpia_hf.model.workers import available_cpus  # noqa: E402
 from cpia_hf.train import METHODS  # noqa: E402
 from cpia_hf.train.cli import build_config, configure_train  # noqa: E402
 from cpia_hf.train.trainer import build_optimizer  # noqa: E402
@@ -222,7 +223,8 @@ def main() -> None:
         for method in args.methods:
             rate = data_pipeline_rate(method, args)
             results["data_pipeline"][method] = rate
-            print(f"data pipeline {method:20s} {rate:8.2f} images/s ({args.num_workers} workers)")
+            workers = min(args.num_workers, available_cpus())  # build_loader caps the workers at the CPUs
+            print(f"data pipeline {method:20s} {rate:8.2f} images/s ({workers} workers)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

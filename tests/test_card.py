@@ -66,3 +66,27 @@ def test_built_card_has_licences_and_the_card_for_a_repo_its_id(demo_build: Path
     metadata, _ = split_card(text)
     assert metadata == built_metadata and "extra_gated_prompt" not in metadata
     assert [c["config_name"] for c in metadata["configs"]][0] == "full"
+
+
+def test_model_card_licence_link_dataset_card_and_citation_match_the_dataset_card(tmp_path: Path) -> None:
+    import re
+
+    from huggingface_hub import ModelCard
+
+    from cpia_hf.model.card import write_model_card
+
+    dataset_template = (Path(__file__).resolve().parents[1] / "loading_script" / "dataset_card.md.j2").read_text()
+    authors = re.search(r"author\s*=\s*\{(.+?)\},", dataset_template).group(1)
+    hub = ModelCard.load(write_model_card(tmp_path / "hub", {"model_name": "m", "dataset": "someone/CPIA"}))
+    assert hub.data.license == "other" and hub.data.license_name == "cpia-source-licenses"
+    assert hub.data.license_link == "https://huggingface.co/datasets/someone/CPIA/blob/main/LICENSES.md"
+    licence_section = hub.text.split("## License", 1)[1].split("## Citation", 1)[0]
+    assert "[CPIA dataset card](https://huggingface.co/datasets/someone/CPIA)" in licence_section
+    citation = hub.text.split("## Citation", 1)[1]
+    assert f"author  = {{{authors}}}," in citation and all(author in citation for author in AUTHORS)
+    assert "others" not in citation
+    local = ModelCard.load(write_model_card(tmp_path / "local", {"model_name": "m", "dataset": str(tmp_path / "d")}))
+    assert local.data.license_link == "https://github.com/zhanglab2021/CPIA_Dataset"
+    assert "[CPIA dataset card](https://github.com/zhanglab2021/CPIA_Dataset)" in local.text
+    other = ModelCard.load(write_model_card(tmp_path / "mit", {"model_name": "m", "license": "mit"}))
+    assert other.data.license_link is None

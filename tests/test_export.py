@@ -267,3 +267,24 @@ def test_cpia_export_reads_a_card_context_file(tmp_path):
     args.card_context = tmp_path / "bad.json"
     with pytest.raises(ValueError, match="bad.json: unknown card context key"):
         run_export(args)
+
+
+def test_cpia_export_no_progress_writes_without_bars(tmp_path, capfd):
+    import argparse
+
+    from safetensors.torch import save_file
+
+    from cpia_hf.model.cli import configure_export, run_export
+
+    backbone = tiny_vit()
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    parser = argparse.ArgumentParser()
+    configure_export(parser)
+    argv = ["--weights", str(tmp_path / "w.safetensors"), "--model", "vit_tiny_patch16_224",
+            "--model-args", json.dumps({k: v for k, v in TINY_VIT.items() if k != "num_classes"})]
+    assert run_export(parser.parse_args([*argv, "--out", str(tmp_path / "quiet"), "--no-progress"])) == 0
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert run_export(parser.parse_args([*argv, "--out", str(tmp_path / "loud")])) == 0
+    assert "Writing model shards" in capfd.readouterr().err  # the bar the flag silences
+    assert (tmp_path / "quiet" / "vit" / "model.safetensors").read_bytes() == \
+        (tmp_path / "loud" / "vit" / "model.safetensors").read_bytes()

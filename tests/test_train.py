@@ -109,7 +109,7 @@ def test_streaming_is_split_across_processes(dataset_dir: Path, tmp_path: Path, 
     # datasets sleeps 5 s after each pass over several Parquet files (pyarrow thread shutdown).
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
     rows = load_pretrain_rows(str(dataset_dir), "mini", streaming=True, cache_dir=str(tmp_path / "cache"))
-    view = MAEView(AugmentConfig(img_size=32))
+    view = MAEView(AugmentConfig(img_size=32, crop_scale=(0.2, 1.0)))
     loaders = [build_loader(rows, view, batch_size=4, num_workers=0, seed=0, process_index=rank, num_processes=2)
                for rank in (0, 1)]
     seen = [{row["image_id"] for row in loader.dataset.rows} for loader in loaders]
@@ -120,7 +120,7 @@ def test_streaming_is_split_across_processes(dataset_dir: Path, tmp_path: Path, 
 
 def test_views_are_seeded_per_image_and_epoch(dataset_dir: Path, tmp_path: Path) -> None:
     rows = load_pretrain_rows(str(dataset_dir), "mini", cache_dir=str(tmp_path / "cache"))
-    augment = AugmentConfig(img_size=32, local_size=16, local_crops=3, stain_jitter=0.05)
+    augment = AugmentConfig(img_size=32, crop_scale=(0.4, 1.0), local_size=16, local_crops=3, stain_jitter=0.05)
     crops = MultiCrop(augment)
     first = make_views(rows[0], 0, crops, seed=1, epoch=0)
     assert [tuple(c.shape) for c in first] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
@@ -598,3 +598,219 @@ def test_train_runs_from_a_recipe(dataset_dir: Path, tmp_path: Path) -> None:
     config = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert config["method_options"]["decoder_dim"] == 32 and config["max_steps"] == 2
     assert sorted(read_log(tmp_path / "run")) == [2]  # log_every 10: the last step only
+
+
+# Schedules against the published formulations
+
+def official_moco_momentum(step: int, total: int, base: float) -> float:
+    """main_moco.py `adjust_moco_momentum` at epoch k / iterations per epoch (epochs = total / per epoch)."""
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * step / total)) * (1.0 - base)
+
+
+def test_mocov3_momentum_encoder_moves_with_this_steps_momentum_before_the_keys() -> None:
+    from cpia_hf.train.mocov3 import MoCoV3
+
+    torch.manual_seed(0)
+    model = MoCoV3("vit_tiny_patch16_224", img_size=32, model_kwargs=TINY_KWARGS, mlp_dim=32, out_dim=16,
+                   momentum=0.6)
+    perturb(model.momentum_encoder, seed=1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    generator = torch.Generator().manual_seed(9)
+    expected = {name: value.detach().clone().double() for name, value in model.momentum_encoder.named_parameters()}
+    total = 4
+    for step in range(total):
+        views = [torch.randn(4, 3, 32, 32, generator=generator) for _ in range(2)]
+        online = {name: value.detach().clone().double() for name, value in model.encoder.named_parameters()}
+        # builder.py: before the keys of step k, key <- m(k) key + (1 - m(k)) base, with the base encoder as it
+        # stands at the start of step k (before that step's optimizer update)
+        m = official_moco_momentum(step, total, 0.6)
+        expected = {name: m * expected[name] + (1 - m) * online[name] for name in expected}
+        model.set_progress(step, total, total)
+        loss = model(views)
+        keys_seen = {name: value.detach().clone().double() for name, value in model.momentum_encoder.named_parameters()}
+        optimizer.zero_grad()
+        loss.backward()
+        model.before_optimizer_step()
+        optimizer.step()
+        model.after_optimizer_step()
+        for name, value in keys_seen.items():  # the keys of step k came from the encoder updated with m(k)
+            torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=1e-6)
+    moved = max((online[n] - expected[n]).abs().max().item() for n in expected)
+    assert moved > 1e-3  # the two encoders differ, so an update with the wrong step or weights shows
+
+
+def official_cosine_scheduler(base: float, final: float, total: int, warmup: int) -> np.ndarray:
+    """facebookresearch/dino utils.cosine_scheduler per step: np.linspace warm-up from 0, then a half-cosine."""
+    warm = np.linspace(0, base, warmup) if warmup > 0 else np.array([])
+    iters = np.arange(total - warmup)
+    return np.concatenate((warm, final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_lr_schedule_follows_each_methods_published_warm_up(method: str) -> None:
+    from cpia_hf.train.trainer import make_schedule
+
+    cfg = cli.build_config(parse(["--method", method, "--data", "x", "--out", "y", "--warmup-epochs", "3",
+                                  "--epochs", "10", "--min-lr", "1e-6"]))
+    schedule = make_schedule(cfg, steps_per_epoch=7, global_batch=64, lr=1e-3, warmup=METHODS[method].lr_warmup)
+    ours = np.array([schedule.lr_at(step) for step in range(70)])
+    if method == "dino":
+        expected = official_cosine_scheduler(1e-3, 1e-6, 70, 21)
+        assert ours.argmax() == 20  # peak on the last warm-up step
+    else:  # MAE util/lr_sched.py and MoCo v3 adjust_learning_rate: lr * epoch / warmup_epochs, epoch = k / 7
+        epoch = np.arange(70) / 7
+        expected = np.where(epoch < 3, 1e-3 * epoch / 3,
+                            1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + np.cos(np.pi * (epoch - 3) / (10 - 3))))
+        assert ours.argmax() == 21
+    np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-15)
+
+
+# One declaration per setting
+
+def test_each_setting_is_declared_once_and_its_default_is_live() -> None:
+    from dataclasses import MISSING, fields
+
+    from cpia_hf.train.config import METHOD_DEFAULTS, TrainConfig
+
+    names = {item.name: item for item in fields(TrainConfig)}
+    augment_names = {item.name for item in fields(AugmentConfig)}
+    for method, values in METHOD_DEFAULTS.items():
+        assert set(values) - {"augment"} <= set(names) and set(values["augment"]) <= augment_names
+        assert METHODS[method].name == method
+    required = {name for name, item in names.items()
+                if item.default is MISSING and item.default_factory is MISSING}
+    per_method = required - {"method", "data", "out", "augment"}
+    assert per_method and all(per_method <= set(values) for values in METHOD_DEFAULTS.values())
+    # a field default that every method replaces would be dead from the command line
+    for name, item in names.items():
+        if name not in required:
+            assert not all(name in values for values in METHOD_DEFAULTS.values()), name
+    cfg = cli.build_config(parse(["--method", "mae", "--data", "x", "--out", "y"]))
+    assert (cfg.num_workers, cfg.save_every, cfg.drop_path, cfg.clip_grad) == (4, 1000, 0.0, None)
+    assert (cfg.batch_size, cfg.betas, cfg.augment.crop_scale) == (256, (0.9, 0.95), (0.2, 1.0))
+    dino = cli.build_config(parse(["--method", "dino", "--data", "x", "--out", "y"]))
+    assert (dino.drop_path, dino.clip_grad, dino.weight_decay_end) == (0.1, 3.0, 0.4)
+    assert METHODS["mae"].allows_grad_accum and not METHODS["dino"].allows_grad_accum
+
+
+def help_lines(command: str) -> tuple[dict[str, str], argparse.ArgumentParser]:
+    """Option -> its help text, and the parser of `cpia <command>`."""
+    from cpia_hf.cli import build_parser
+
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    helps = {flag: action.help or "" for action in sub._actions if action.help != argparse.SUPPRESS
+             for flag in action.option_strings}
+    return helps, sub
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "export"])
+def test_help_shows_every_default(command: str) -> None:
+    helps, parser = help_lines(command)
+    text = " ".join(parser.format_help().split())
+    one_of = {a.dest for group in parser._mutually_exclusive_groups if group.required for a in group._group_actions}
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or "-h" in action.option_strings:
+            continue
+        assert action.help, action.option_strings
+        needed = action.required or action.dest in one_of | {"method", "data", "out", "recipe"}
+        if action.nargs != 0 and not needed:
+            assert "default" in action.help, action.option_strings
+        assert " ".join(action.help.split()) in text
+    expected = {"train": ("--seed", "--no-progress"), "eval": ("--seed",), "export": ("--no-progress",)}[command]
+    assert all(helps[flag] for flag in expected)
+
+
+def test_endpoint_flag_has_one_name_and_the_old_one_still_works() -> None:
+    helps, parser = help_lines("train")
+    assert "--endpoint" in helps and "--hub-endpoint" not in parser.format_help()
+    for flag in ("--endpoint", "--hub-endpoint"):
+        cfg = cli.build_config(parse(["--method", "mae", "--data", "x", "--out", "y", flag, "http://hub.local"]))
+        assert cfg.hub_endpoint == "http://hub.local"
+
+
+def test_set_up_leaves_the_config_alone(dataset_dir: Path, tmp_path: Path) -> None:
+    import copy
+
+    from cpia_hf.train.trainer import set_up
+
+    cfg = cli.build_config(parse(train_args("mae", dataset_dir, tmp_path / "out", "--max-steps", "1")))
+    before = copy.deepcopy(cfg)
+    run = set_up(cfg, METHODS["mae"])
+    assert cfg == before and cfg.mixed_precision is None
+    assert run.cfg.mixed_precision == "no" and run.cfg is not cfg
+    run.accelerator.end_training()
+    dino = cli.build_config(parse(train_args("dino", dataset_dir, tmp_path / "dino", "--grad-accum", "2")))
+    with pytest.raises(ValueError, match="gradient accumulation"):
+        set_up(dino, METHODS["dino"])
+
+
+def test_worker_count_is_capped_at_the_cpus_and_said_once(dataset_dir: Path, tmp_path: Path, capsys) -> None:
+    import warnings
+
+    from cpia_hf.model import workers
+
+    rows = load_pretrain_rows(str(dataset_dir), "mini", cache_dir=str(tmp_path / "cache"))
+    cpus = workers.available_cpus()
+    assert cpus == len(os.sched_getaffinity(0))
+    workers._capped_once.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaders = [build_loader(rows, MAEView(AugmentConfig(img_size=32, crop_scale=(0.2, 1.0))), batch_size=8,
+                                num_workers=cpus + 14, seed=0) for _ in range(2)]
+        next(iter(loaders[0]))
+    assert [loader.num_workers for loader in loaders] == [cpus, cpus]
+    assert not [w for w in caught if "worker processes" in str(w.message)]  # torch's "will create N workers"
+    err = capsys.readouterr().err
+    assert err.count(f"num_workers {cpus + 14} is more than the {cpus} CPUs") == 1
+    assert build_loader(rows, MAEView(AugmentConfig(img_size=32, crop_scale=(0.2, 1.0))), batch_size=8,
+                        num_workers=0, seed=0).num_workers == 0
+
+
+def children_of(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_dataloader_workers_die_with_a_killed_train(sig: str, dataset_dir: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "cpia_hf.train", *train_args("mae", dataset_dir, tmp_path / "out"),
+               "--num-workers", "2", "--max-steps", "100000", "--no-export", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(children_of(process.pid)) < 2 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        workers = children_of(process.pid)
+        assert len(workers) >= 2, process.stderr.read().decode()[-2000:] if process.poll() is not None else workers
+        while not (tmp_path / "out" / "train_log.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)  # the workers are busy loading batches
+        os.kill(process.pid, getattr(signal, sig))
+        process.wait(timeout=30)
+        killed = time.monotonic()
+        while any(alive(pid) for pid in workers) and time.monotonic() < killed + 5:
+            time.sleep(0.05)
+        # torch's own worker loop notices a dead parent at its next poll, up to 5 s later; the kernel's
+        # parent-death signal ends them at once
+        assert [pid for pid in workers if alive(pid)] == [] and time.monotonic() - killed < 1.0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

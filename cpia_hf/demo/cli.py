@@ -14,7 +14,8 @@ def configure_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2,
                         help="local worker processes for the conversion (default: %(default)s)")
     parser.add_argument("--convert-only", action="store_true", help="stop after the dataset conversion")
-    parser.add_argument("--no-progress", action="store_true", help="show no progress bars (default: shown)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (conversion, training, export, loading back)")
 
 
 def sample_data_note(report: ConvertReport) -> str | None:
@@ -36,6 +37,6 @@ def run_demo(args: argparse.Namespace) -> int:
     if status or args.convert_only:
         return status
     model_dir = train_demo_model(args.out / "dataset", args.out / "mae-tiny", progress=not args.no_progress)
-    features = demo_features(model_dir, args.out / "dataset")
+    features = demo_features(model_dir, args.out / "dataset", progress=not args.no_progress)
     print(f"model exported to {model_dir}; AutoModel.from_pretrained features of 4 mini tiles: {tuple(features.shape)}")
     return 0

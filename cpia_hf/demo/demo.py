@@ -104,14 +104,19 @@ def train_demo_model(dataset: Path, out: Path, progress: bool = True) -> Path:
     return out / "model"
 
 
-def demo_features(model_dir: Path, dataset: Path, count: int = 4):
+def demo_features(model_dir: Path, dataset: Path, count: int = 4, progress: bool = True):
     """Load the exported model back with transformers and embed `count` mini tiles."""
     import torch
     from datasets import load_dataset
     from transformers import AutoImageProcessor, AutoModel
 
-    model = AutoModel.from_pretrained(model_dir).eval()
-    processor = AutoImageProcessor.from_pretrained(model_dir)
-    images = list(load_dataset(str(dataset), "mini", split="train").select(range(count))["image"])
+    from ..model.progress import library_progress
+
+    with library_progress(progress):
+        model = AutoModel.from_pretrained(model_dir).eval()
+        # The root is timm's layout, whose processor (TimmWrapperImageProcessor) exists for PIL only; asking
+        # for it by name spares transformers' "torchvision backend is not available" notice.
+        processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+        images = list(load_dataset(str(dataset), "mini", split="train").select(range(count))["image"])
     with torch.no_grad():
         return model(**processor(images, return_tensors="pt")).pooler_output

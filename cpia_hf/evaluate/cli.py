@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 from accelerate import Accelerator
 
+from ..model.cli import show_defaults
 from .data import LabelledData, load_labelled_data
 from .features import encoder_fingerprint, extract_features
-from .leakage import note_leakage
+from .leakage import EvaluatedSplit, note_leakage
 from .metrics import (
     METRIC_NAMES,
     METRIC_TITLES,
@@ -39,8 +40,8 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                         help="for a timm model name: load its pretrained weights (--no-pretrained: random init)")
     parser.add_argument("--data", required=True, help="labelled dataset: folder or Hub dataset id")
-    parser.add_argument("--config", default=None, help="dataset configuration name")
-    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--config", default=None, help="dataset configuration name (default: the dataset's default)")
+    parser.add_argument("--label-column", default="label", help="column of the class labels")
     parser.add_argument("--image-column", default=None, help="default: 'image', else the first image column")
     parser.add_argument("--dataset-name", default=None,
                         help="name recorded in the results and model card (default: the Hub id or folder name)")
@@ -49,28 +50,39 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUT/cache)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits made and of the first run")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    parser.add_argument("--card", type=Path, default=None, help="model card (README.md) to fold the results into")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (features and fine-tuning)")
+    parser.add_argument("--num-workers", type=int, default=4,
+                        help="DataLoader workers (capped at the CPUs available)")
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="mixed precision")
+    parser.add_argument("--catalog", type=Path, default=None,
+                        help="source catalog for the benchmark-leakage check (default: the project's catalog)")
+    parser.add_argument("--card", type=Path, default=None,
+                        help="model card (README.md) to fold the results into (default: none)")
     knn_args = parser.add_argument_group("kNN")
-    knn_args.add_argument("--knn-k", type=int, default=KnnSettings.k)
-    knn_args.add_argument("--knn-temperature", type=float, default=KnnSettings.temperature)
+    knn_args.add_argument("--knn-k", type=int, default=KnnSettings.k, help="neighbours")
+    knn_args.add_argument("--knn-temperature", type=float, default=KnnSettings.temperature,
+                          help="temperature of the similarity weights")
     linear_args = parser.add_argument_group("linear probe")
     linear_args.add_argument("--linear-seeds", type=int, default=5, help="number of seeds (runs)")
-    linear_args.add_argument("--linear-lr", type=float, default=LinearSettings.lr)
-    linear_args.add_argument("--linear-weight-decay", type=float, default=LinearSettings.weight_decay)
-    linear_args.add_argument("--linear-max-epochs", type=int, default=LinearSettings.max_epochs)
-    linear_args.add_argument("--linear-patience", type=int, default=LinearSettings.patience)
+    linear_args.add_argument("--linear-lr", type=float, default=LinearSettings.lr, help="learning rate")
+    linear_args.add_argument("--linear-weight-decay", type=float, default=LinearSettings.weight_decay,
+                             help="weight decay")
+    linear_args.add_argument("--linear-max-epochs", type=int, default=LinearSettings.max_epochs, help="most epochs")
+    linear_args.add_argument("--linear-patience", type=int, default=LinearSettings.patience,
+                             help="epochs without validation gain before stopping")
     finetune_args = parser.add_argument_group("fine-tuning")
     finetune_args.add_argument("--finetune-seeds", type=int, default=1, help="number of seeds (runs)")
-    finetune_args.add_argument("--epochs", type=int, default=FinetuneSettings.epochs)
+    finetune_args.add_argument("--epochs", type=int, default=FinetuneSettings.epochs, help="epochs")
     finetune_args.add_argument("--lr", type=float, default=FinetuneSettings.base_lr,
                                help="base learning rate per 256 images")
-    finetune_args.add_argument("--layer-decay", type=float, default=FinetuneSettings.layer_decay)
-    finetune_args.add_argument("--weight-decay", type=float, default=FinetuneSettings.weight_decay)
-    finetune_args.add_argument("--warmup-epochs", type=int, default=FinetuneSettings.warmup_epochs)
-    finetune_args.add_argument("--label-smoothing", type=float, default=FinetuneSettings.label_smoothing)
+    finetune_args.add_argument("--layer-decay", type=float, default=FinetuneSettings.layer_decay,
+                               help="layer-wise LR decay")
+    finetune_args.add_argument("--weight-decay", type=float, default=FinetuneSettings.weight_decay, help="weight decay")
+    finetune_args.add_argument("--warmup-epochs", type=int, default=FinetuneSettings.warmup_epochs,
+                               help="linear LR warm-up epochs")
+    finetune_args.add_argument("--label-smoothing", type=float, default=FinetuneSettings.label_smoothing,
+                               help="label smoothing")
+    show_defaults(parser)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -138,8 +150,17 @@ def run_eval(args: argparse.Namespace) -> int:
                 print(f"cpia eval: error: results written to {args.out}, but not to the card: {error}",
                       file=sys.stderr)
                 return 2
-        note_leakage(args.model, args.data, args.dataset_name, args.out, args.card)  # pre-training held the benchmark?
+        note_leakage(args.model, args.data, args.dataset_name, args.out, args.card,  # pre-training held the benchmark?
+                     evaluated_split(data), args.catalog)
     return 0
+
+
+def evaluated_split(data: LabelledData) -> EvaluatedSplit:
+    """The test split: where its images come from (the dataset's `train` split is its training split)."""
+    test = data.splits["test"]
+    how = "made from" if test.made else "which is"
+    return EvaluatedSplit(f"test split ({how} split `{test.source_split}` of {data.name})",
+                          from_training_split=test.source_split == "train")
 
 
 def _outcome(settings, runs: list[tuple[int | None, dict]], data: LabelledData) -> dict:

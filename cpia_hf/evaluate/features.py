@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..model.workers import loader_workers
 from .data import ImageDataset, LabelledSplit
 from .models import Encoder
 
@@ -41,7 +42,7 @@ def extract_features(
         return cached["features"], cached["labels"]
     loader = accelerator.prepare(torch.utils.data.DataLoader(
         ImageDataset(split, encoder.preprocessing.eval_transform()),
-        batch_size=batch_size, shuffle=False, num_workers=num_workers))
+        batch_size=batch_size, shuffle=False, **loader_workers(num_workers)))
     module = encoder.module.to(accelerator.device)
     features, labels = predict(module, loader, accelerator, f"features ({split.name})")
     if accelerator.is_main_process:

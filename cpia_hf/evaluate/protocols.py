@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..model.optim import cosine_schedule, scaled_lr
+from ..model.workers import loader_workers
 from .data import ImageDataset, LabelledData
 from .features import predict
 from .metrics import classification_metrics
@@ -164,7 +165,7 @@ def finetune(
                          preprocessing.train_transform() if split == "train" else preprocessing.eval_transform()),
             batch_size=settings.batch_size,
             shuffle=split == "train",
-            num_workers=settings.num_workers,
+            **loader_workers(settings.num_workers),
             generator=torch.Generator().manual_seed(seed) if split == "train" else None,
         )
         for split in ("train", "validation", "test")

@@ -1,23 +1,25 @@
 """Model card (README.md) of an exported encoder, filled from the training run, plus its loss curve.
 
-`ModelCardContext` is the one schema of what a card says about a model: the trainer fills the
-recipe, `cpia_hf.model.export` the architecture and preprocessing, `cpia eval --card` the results;
+`ModelCardContext` is the one schema of what a card says about a model: `training_context` fills the
+recipe from a training run, `cpia_hf.model.export` the architecture and preprocessing, `cpia eval --card` the results;
 it round-trips through `card_context.json` in every checkpoint (`cpia export --card-context FILE`).
 """
 from __future__ import annotations
 
 import json
+import platform
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from matplotlib.figure import Figure
 
 from ..resources import MODEL_CARD_TEMPLATE, read_resource
-from ..standard import STANDARD_MPP
+from ..standard import MINI_SIDE, SCALE_SIDES, SCALES, STANDARD_MPP
 
 Method = Literal["mae", "dino", "mocov3"]
 
@@ -27,6 +29,10 @@ HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # namespace/name: what `datasets:` metadata may name
 METHOD_NAMES = {"mae": "MAE", "mocov3": "MoCo v3", "dino": "DINO"}
 EVAL_START, EVAL_END = "<!-- evaluation:start -->", "<!-- evaluation:end -->"
+# Where the CPIA sources and their licences are listed: the dataset card on the Hub (and its LICENSES.md,
+# which `cpia push` writes), else the original release, for a model trained on a local folder.
+CPIA_RELEASE_URL = "https://github.com/zhanglab2021/CPIA_Dataset"
+DATASET_LICENCE_FILE = "LICENSES.md"
 RECIPE_FIELDS = (
     ("method", "Method"), ("dataset", "Data"), ("dataset_config", "Data config"), ("base_model", "Initialised from"),
     ("steps", "Steps"), ("epochs", "Epochs"), ("global_batch_size", "Global batch"), ("lr", "Learning rate"),
@@ -118,6 +124,71 @@ class ModelCardContext:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return Path(path)
 
+    def with_losses(self, loss_history: list) -> ModelCardContext:
+        """This context with a run's [step, loss] history so far (and its last loss)."""
+        return replace(self, loss_history=[list(point) for point in loss_history],
+                       final_loss=loss_history[-1][1] if loss_history else None)
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a trainer settles at set-up that the card states beside the run's config."""
+
+    total_steps: int
+    steps_per_epoch: int
+    global_batch: int
+    lr: float  # peak LR
+    weight_decay_end: float
+    warmup_steps: int
+    num_processes: int
+    hardware: str  # e.g. `2 x NVIDIA A100-SXM4-80GB` (`hardware_description`)
+    mixed_precision: str
+    augmentations: list[str]  # the views in words
+
+
+def hardware_description(num_processes: int, device: torch.device) -> str:
+    """Process count and device name for the model card, e.g. `2 x NVIDIA A100-SXM4-80GB`."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()})"
+    return f"{num_processes} x {name}"
+
+
+def card_dataset(data: str, dataset_id: str | None) -> str:
+    """The data as the card names it: `dataset_id`, else `data` (a local folder shows its name only)."""
+    if dataset_id:
+        return dataset_id
+    return Path(data).name if Path(data).exists() else data
+
+
+def input_mpp(config: str, scales: list[str]) -> dict[str, float]:
+    """µm per stored pixel of the WSI tiles of each scale in `config` (mini resizes every tile to 384 px)."""
+    resized = config.startswith("mini")
+    return {scale: round(STANDARD_MPP * SCALE_SIDES[scale] / MINI_SIDE, 4) if resized else STANDARD_MPP
+            for scale in (scales or SCALES)}
+
+
+def training_context(config: dict[str, Any], facts: RunFacts) -> ModelCardContext:
+    """What the card says about a training run: its config (a `TrainConfig` as a dict) and set-up facts."""
+    weight_decay: float | str = config["weight_decay"]
+    if facts.weight_decay_end != config["weight_decay"]:
+        weight_decay = f"{config['weight_decay']} -> {facts.weight_decay_end} (cosine)"
+    recorded = {**config, "num_processes": facts.num_processes, "steps_per_epoch": facts.steps_per_epoch}
+    augment, init = config["augment"], config["init"]
+    return ModelCardContext(
+        method=config["method"], dataset=card_dataset(config["data"], config["dataset_id"]),
+        dataset_config=config["config"], scales=list(config["scales"]) or None,
+        input_mpp=input_mpp(config["config"], config["scales"]),
+        base_model=f"timm/{init}" if init else None, init=init or "none",
+        steps=facts.total_steps, epochs=round(facts.total_steps / facts.steps_per_epoch, 3),
+        global_batch_size=facts.global_batch, lr=facts.lr, weight_decay=weight_decay,
+        warmup_steps=facts.warmup_steps, augmentations=facts.augmentations,
+        mean=list(augment["mean"]), std=list(augment["std"]), hardware=facts.hardware,
+        mixed_precision=facts.mixed_precision, seed=config["seed"],
+        config=json.loads(json.dumps(recorded, default=str)),
+    )
+
 
 def plot_loss_curve(loss_history: list, path: Path) -> Path:
     """Training loss against step as a PNG; ``loss_history`` is a list of [step, loss]."""
@@ -203,12 +274,27 @@ def dataset_name(dataset: str) -> str:
     return dataset if HUB_ID.match(dataset) else Path(dataset).name
 
 
+def dataset_card_url(dataset: str | None) -> str:
+    """The card that lists the CPIA sources and their licences: the Hub dataset's, else the release's."""
+    if dataset and HUB_REPO_ID.match(dataset):
+        return f"https://huggingface.co/datasets/{dataset}"
+    return CPIA_RELEASE_URL
+
+
+def licence_link(dataset: str | None) -> str:
+    """`license_link` of a card under the sources' terms: the Hub dataset's licence file, else the release."""
+    if dataset and HUB_REPO_ID.match(dataset):
+        return f"{dataset_card_url(dataset)}/blob/main/{DATASET_LICENCE_FILE}"
+    return CPIA_RELEASE_URL
+
+
 def card_data(context: ModelCardContext) -> ModelCardData:
     """Hub metadata of the card."""
     license_id = context.license
     return ModelCardData(
         license=license_id,
         license_name="cpia-source-licenses" if license_id == "other" else None,
+        license_link=licence_link(context.dataset) if license_id == "other" else None,
         library_name="timm",
         pipeline_tag="image-feature-extraction",
         tags=["pathology", "histology", "self-supervised", "vision-transformer", "cpia"]
@@ -260,6 +346,7 @@ def write_model_card(out_dir: Path, card_context: ModelCardContext | dict, *, re
         loss_curve=LOSS_CURVE_NAME if context.loss_history else None,
         evaluation_table=evaluation_table(context.evaluation),
         standard_mpp=STANDARD_MPP,
+        dataset_card_url=dataset_card_url(context.dataset),
     )
     path = out_dir / "README.md"
     card.save(path)

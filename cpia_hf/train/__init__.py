@@ -7,10 +7,12 @@ heads and losses are written here, after the official repositories: `lightly` wo
 dependency for three small modules, and its wrappers do not keep the plain timm backbone that the
 export needs (class token, final norm, no fc_norm) nor our per-step seeding for exact resume.
 
-Modules: `config` (`TrainConfig`), `method` (the `PretrainMethod` interface, EMA update and
-momentum schedule), `mae` / `dino` / `mocov3` (one method each, with `forward_loss`), `trainer`
-(`train` = `set_up`, `run_steps`, `finish`), `data` (loading, sharding, seeded views), `augment`
-(views) and `cli` (`cpia train`, `--recipe`, and `publish_run`, which exports and pushes a run).
+Modules: `config` (`TrainConfig`, each setting declared once, and `METHOD_DEFAULTS`, each method's
+official recipe), `settings` (the field helper the flags are generated from), `method` (the
+`PretrainMethod` interface, its capabilities, EMA update and momentum schedule), `mae` / `dino` /
+`mocov3` (one method each, with `forward_loss`), `trainer` (`train` = `set_up`, `run_steps`,
+`finish`), `data` (loading, sharding, seeded views), `augment` (views) and `cli` (`cpia train`,
+generated from the settings, `--recipe`, and `publish_run`, which exports and pushes a run).
 """
 from .config import TrainConfig
 from .dino import DINO

@@ -16,6 +16,8 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import InterpolationMode, v2
 
+from .settings import setting
+
 # Ruifrok & Johnston optical densities of haematoxylin, eosin and DAB (rows), as used by
 # skimage.color.rgb2hed; written out here so that scikit-image need not be a dependency for two
 # 3x3 matrix products.
@@ -25,24 +27,27 @@ HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 OD_EPS = 1e-6
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AugmentConfig:
-    """Augmentation settings of a run (recorded in the model card)."""
+    """Augmentation settings of a run (recorded in the model card); `crop_scale` is the method's."""
 
-    img_size: int = 224
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    local_crop_scale: tuple[float, float] = (0.05, 0.4)
-    local_size: int = 96
-    local_crops: int = 8
-    vertical_flip: bool = True
-    rotate90: bool = True
-    color_jitter: float = 0.2
-    stain_jitter: float = 0.0
-    grayscale: float = 0.1
-    blur: bool = True
-    solarize: bool = False
-    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
-    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    img_size: int = setting(224, help="input side", group="augmentation")
+    crop_scale: tuple[float, float] = setting(help="RandomResizedCrop scale", metavar="MIN,MAX", group="augmentation")
+    local_crop_scale: tuple[float, float] = setting((0.05, 0.4), help="DINO local crop scale", metavar="MIN,MAX",
+                                                    group="augmentation")
+    local_size: int = setting(96, help="DINO local crop side", group="augmentation")
+    local_crops: int = setting(8, help="DINO local crops", group="augmentation")
+    vertical_flip: bool = setting(True, help="vertical flips", flag="")
+    rotate90: bool = setting(True, help="90-degree rotations", flag="")
+    color_jitter: float = setting(0.2, help="brightness/contrast jitter strength", group="augmentation")
+    stain_jitter: float = setting(0.0, help="HED stain jitter sigma, e.g. 0.05", group="augmentation")
+    grayscale: float = setting(0.1, help="grayscale probability", group="augmentation")
+    blur: bool = setting(True, help="no Gaussian blur", group="augmentation")
+    solarize: bool = setting(False, help="solarize the second view", group="augmentation")
+    mean: tuple[float, float, float] = setting(IMAGENET_DEFAULT_MEAN, flag="",
+                                               help="input normalisation mean (--init: the weights' own)")
+    std: tuple[float, float, float] = setting(IMAGENET_DEFAULT_STD, flag="",
+                                              help="input normalisation std (--init: the weights' own)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,6 +14,7 @@ from datasets import Dataset, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
 
+from ..model.workers import loader_workers
 from ..standard import SCALES, stable_unit_float
 
 KEPT_COLUMNS = ("image", "image_id")
@@ -124,7 +125,8 @@ def build_loader(
     A map-style loader is returned unsharded for `accelerator.prepare` to shard; a streaming one is
     split here with `split_dataset_by_node`, since accelerate would make every process read all of it.
     """
-    common = dict(batch_size=batch_size, num_workers=num_workers, drop_last=True, pin_memory=torch.cuda.is_available())
+    common = dict(batch_size=batch_size, drop_last=True, pin_memory=torch.cuda.is_available(),
+                  **loader_workers(num_workers))
     if isinstance(rows, IterableDataset):
         rows = rows.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
         rows = split_dataset_by_node(rows, rank=process_index, world_size=num_processes)

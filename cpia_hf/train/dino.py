@@ -68,13 +68,20 @@ class DINO(PretrainMethod):
     """Student/teacher self-distillation with centring, sharpening and multi-crop."""
 
     name = "dino"
-    # main_dino.py defaults (ViT-S/16, 100 epochs): lr 5e-4 per 256, min_lr 1e-6, wd 0.04 -> 0.4,
-    # 10 warmup epochs, clip 3.0, drop-path 0.1, out_dim 65536, teacher momentum 0.996,
-    # teacher temperature 0.04 (no warmup), 8 local crops, global crops (0.4, 1), local (0.05, 0.4),
-    # last layer frozen for 1 epoch, batch 64 per GPU.
-    RECIPE = dict(base_lr=5e-4, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.4, betas=(0.9, 0.999),
-                  warmup_epochs=10, epochs=100, clip_grad=3.0, drop_path=0.1, batch_size=64,
-                  crop_scale=(0.4, 1.0), allows_grad_accum=False)
+    lr_warmup = "linspace"  # utils.cosine_scheduler: np.linspace(0, lr, warm-up steps), peak on its last step
+    option_help = {
+        "out_dim": "prototypes",
+        "hidden_dim": "head hidden width",
+        "bottleneck_dim": "head bottleneck",
+        "norm_last_layer": "1: freeze the prototypes' weight-norm magnitude, 0: learn it",
+        "momentum_teacher": "teacher EMA start momentum (cosine to 1)",
+        "student_temp": "student temperature",
+        "teacher_temp": "teacher temperature after warm-up",
+        "warmup_teacher_temp": "teacher temperature at step 0",
+        "warmup_teacher_temp_epochs": "teacher temperature warm-up epochs (per epoch)",
+        "center_momentum": "EMA momentum of the teacher centre",
+        "freeze_last_layer": "epochs with the last head layer frozen",
+    }
 
     def __init__(
         self,

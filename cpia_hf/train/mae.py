@@ -46,11 +46,14 @@ class MAE(PretrainMethod):
     """Masked autoencoder over a timm ViT encoder with a light transformer decoder."""
 
     name = "mae"
-    # Official ViT-B/L pre-training recipe (main_pretrain.py / PRETRAIN.md): blr 1.5e-4 per 256,
-    # AdamW(0.9, 0.95), wd 0.05, 40 warmup epochs, 800 epochs, normalised-pixel loss. The official
-    # code has no ViT-S recipe; the same settings are used for it.
-    RECIPE = dict(base_lr=1.5e-4, min_lr=0.0, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=40,
-                  epochs=800, clip_grad=None, batch_size=256, crop_scale=(0.2, 1.0), allows_grad_accum=True)
+    allows_grad_accum = True  # the loss is a mean over images: micro-batches add up to the large batch
+    option_help = {
+        "mask_ratio": "fraction of patches hidden from the encoder",
+        "norm_pix_loss": "1: per-patch normalised pixel targets, 0: raw pixels",
+        "decoder_dim": "decoder width",
+        "decoder_depth": "decoder blocks",
+        "decoder_heads": "decoder attention heads",
+    }
 
     def __init__(
         self,

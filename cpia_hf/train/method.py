@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from timm.models import VisionTransformer
 from torch import nn
 
 from ..model.card import Method
+from ..model.optim import Warmup
 from .augment import AugmentConfig
 from .config import TrainConfig
 
@@ -39,7 +40,13 @@ class PretrainMethod(nn.Module):
     """
 
     name: ClassVar[Method]
-    RECIPE: ClassVar[dict[str, Any]]
+    # Whether several micro-batches per step give the same objective as one large batch (not where a loss
+    # contrasts or centres over the batch, or BatchNorm sees it).
+    allows_grad_accum: ClassVar[bool] = False
+    # How the LR warm-up reaches its peak (`cpia_hf.model.optim.cosine_schedule`).
+    lr_warmup: ClassVar[Warmup] = "linear"
+    # Help text of each keyword option of the class (`cpia train` shows it with the option's default).
+    option_help: ClassVar[dict[str, str]] = {}
 
     def __init__(self) -> None:
         super().__init__()

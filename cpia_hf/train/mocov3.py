@@ -2,10 +2,10 @@
 
 Follows facebookresearch/moco-v3 `moco/builder.py` (`MoCo_ViT`) and `main_moco.py`. Keys of every
 process are gathered (they come from the momentum encoder under `no_grad`, so the gather needs no
-gradient path); queries stay local and each process's positives sit at its own offset. Differences
-from the official code:
-- the momentum encoder is updated after each optimizer step with the momentum of that step, where
-  the official forward updates it just before computing keys (the same sequence of updates);
+gradient path); queries stay local and each process's positives sit at its own offset. As in the
+official loop, each training forward first moves the momentum encoder towards the current encoder
+with the momentum m(k) of the current step k (`adjust_moco_momentum` at k / total steps), then
+computes the keys with it. Differences from the official code:
 - norms and biases get no weight decay (the official ViT recipe decays every parameter);
 - BatchNorm is synchronised across processes only on GPU (SyncBatchNorm has no CPU kernel).
 
@@ -52,11 +52,13 @@ class MoCoV3(PretrainMethod):
     """Base encoder + 3-layer projector + 2-layer predictor against a momentum encoder + projector."""
 
     name = "mocov3"
-    # main_moco.py ViT-S/16 recipe (CONFIG.md): lr 1.5e-4 per 256, AdamW, wd 0.1, 40 warmup epochs,
-    # 300 epochs, momentum 0.99 -> 1, temperature 0.2, mlp 4096, out 256, frozen random patch
-    # projection (--stop-grad-conv1), crops (0.08, 1), batch 4096.
-    RECIPE = dict(base_lr=1.5e-4, min_lr=0.0, weight_decay=0.1, betas=(0.9, 0.999), warmup_epochs=40,
-                  epochs=300, clip_grad=None, batch_size=256, crop_scale=(0.08, 1.0), allows_grad_accum=False)
+    option_help = {
+        "temperature": "InfoNCE temperature",
+        "momentum": "momentum encoder start momentum (cosine to 1)",
+        "mlp_dim": "projector/predictor hidden width",
+        "out_dim": "embedding size",
+        "freeze_patch_embed": "1: frozen random patch projection, 0: trained",
+    }
 
     def __init__(
         self,
@@ -125,15 +127,20 @@ class MoCoV3(PretrainMethod):
         return self.contrastive_loss(q1, k2) + self.contrastive_loss(q2, k1)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """Loss of one step; in training mode the momentum encoder is updated first, with this step's
+        momentum (`builder.py`: `_update_momentum_encoder(m)` before the keys)."""
         first, second = views
         q1 = self.predictor(self.projector(self.encoder(first)))
         q2 = self.predictor(self.projector(self.encoder(second)))
         with torch.no_grad():
+            if self.training:
+                self.update_momentum_encoder()
             k1 = self.momentum_projector(self.momentum_encoder(first))
             k2 = self.momentum_projector(self.momentum_encoder(second))
         return self.forward_loss(q1, q2, k1, k2)
 
-    def after_optimizer_step(self) -> None:
+    def update_momentum_encoder(self) -> None:
+        """Momentum encoder and projector <- m(step) * themselves + (1 - m(step)) * the current ones."""
         momentum = self.current_momentum
         ema_update(self.momentum_encoder, self.encoder, momentum)
         ema_update(self.momentum_projector, self.projector, momentum)

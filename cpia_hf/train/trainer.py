@@ -5,18 +5,18 @@ are pure functions of it, and the random state of a step is seeded from (seed, s
 run resumed from a checkpoint repeats the uninterrupted run's next steps exactly.
 
 `train` reads as its three parts: `set_up` (processes, method, data, optimizer, schedule, resume),
-`run_steps` (the loop; one optimizer step is `train_step`) and `finish` (encoder and card context).
+`run_steps` (the loop; one optimizer step is `train_step`) and `finish` (encoder and card context, which
+`cpia_hf.model.card.training_context` builds from the config and the set-up's `RunFacts`).
 """
 from __future__ import annotations
 
 import itertools
 import json
 import math
-import platform
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,8 @@ from timm.optim import create_optimizer_v2
 from tqdm.auto import tqdm
 
 from ..model.backbone import save_backbone
-from ..model.card import CARD_CONTEXT, ModelCardContext
-from ..model.optim import cosine_schedule, scaled_lr
-from ..standard import MINI_SIDE, SCALE_SIDES, SCALES, STANDARD_MPP
+from ..model.card import CARD_CONTEXT, ModelCardContext, RunFacts, hardware_description, training_context
+from ..model.optim import Warmup, cosine_schedule, scaled_lr
 from .config import MixedPrecision, TrainConfig
 from .data import build_loader, derive_seed, load_pretrain_rows
 from .method import PretrainMethod
@@ -51,9 +50,10 @@ class Schedule:
     min_lr: float
     weight_decay: float
     weight_decay_end: float
+    warmup: Warmup = "linear"  # the method's warm-up rule
 
     def lr_at(self, step: int) -> float:
-        return cosine_schedule(step, self.total_steps, self.lr, self.min_lr, self.warmup_steps)
+        return cosine_schedule(step, self.total_steps, self.lr, self.min_lr, self.warmup_steps, self.warmup)
 
     def weight_decay_at(self, step: int) -> float:
         return cosine_schedule(step, self.total_steps, self.weight_decay, self.weight_decay_end)
@@ -113,15 +113,6 @@ def default_mixed_precision() -> MixedPrecision:
     return "no"
 
 
-def hardware_description(accelerator: Accelerator) -> str:
-    """Process count and device name for the model card, e.g. `2 x NVIDIA A100-SXM4-80GB`."""
-    if accelerator.device.type == "cuda":
-        name = torch.cuda.get_device_name(accelerator.device)
-    else:
-        name = f"CPU ({platform.processor() or platform.machine()})"
-    return f"{accelerator.num_processes} x {name}"
-
-
 def checkpoint_dirs(out: Path) -> list[Path]:
     """Checkpoint folders of a run, oldest first."""
     return sorted((out / CHECKPOINTS).glob("step-*"))
@@ -151,9 +142,10 @@ def train(cfg: TrainConfig, method_cls: type[PretrainMethod]) -> ModelCardContex
 
 
 def set_up(cfg: TrainConfig, method_cls: type[PretrainMethod]) -> Run:
-    """Processes, method, data, optimizer, schedule and progress (restored when resuming)."""
-    cfg.mixed_precision = cfg.mixed_precision or default_mixed_precision()
-    if cfg.grad_accum > 1 and not method_cls.RECIPE.get("allows_grad_accum", False):
+    """Processes, method, data, optimizer, schedule and progress (restored when resuming). The run holds a
+    copy of `cfg` with the mixed precision settled; `cfg` itself is left as given."""
+    cfg = replace(cfg, mixed_precision=cfg.mixed_precision or default_mixed_precision())
+    if cfg.grad_accum > 1 and not method_cls.allows_grad_accum:
         raise ValueError(
             f"{cfg.method}: gradient accumulation would change the objective (batch-wise contrast, "
             "centring or BatchNorm statistics see micro-batches only); raise --batch-size instead"
@@ -183,22 +175,29 @@ def set_up(cfg: TrainConfig, method_cls: type[PretrainMethod]) -> Run:
     model, optimizer = accelerator.prepare(method, optimizer)
     if not cfg.streaming:
         loader = accelerator.prepare(loader)
-    schedule = make_schedule(cfg, _steps_per_epoch(cfg, loader, rows, global_batch), global_batch, lr)
+    schedule = make_schedule(cfg, _steps_per_epoch(cfg, loader, rows, global_batch), global_batch, lr,
+                             method_cls.lr_warmup)
 
     progress = TrainProgress()
     accelerator.register_for_checkpointing(progress)
     resume_dir = resolve_resume(cfg)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
+    facts = RunFacts(total_steps=schedule.total_steps, steps_per_epoch=schedule.steps_per_epoch,
+                     global_batch=global_batch, lr=lr, weight_decay_end=schedule.weight_decay_end,
+                     warmup_steps=schedule.warmup_steps, num_processes=accelerator.num_processes,
+                     hardware=hardware_description(accelerator.num_processes, accelerator.device),
+                     mixed_precision=accelerator.mixed_precision, augmentations=cfg.augment.describe(cfg.method))
     run = Run(cfg, accelerator, model, accelerator.unwrap_model(model), optimizer, loader, schedule, progress,
-              run_card_context(cfg, schedule, accelerator))
+              training_context(cfg.to_dict(), facts))
     if accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / TRAIN_CONFIG).write_text(json.dumps(run.context.config, indent=2) + "\n")
     return run
 
 
-def make_schedule(cfg: TrainConfig, steps_per_epoch: int, global_batch: int, lr: float) -> Schedule:
+def make_schedule(cfg: TrainConfig, steps_per_epoch: int, global_batch: int, lr: float,
+                  warmup: Warmup = "linear") -> Schedule:
     """The run's length and LR / weight-decay schedules."""
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
@@ -207,41 +206,7 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int, global_batch: int, lr:
     weight_decay_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
     return Schedule(total_steps=total_steps, steps_per_epoch=steps_per_epoch, warmup_steps=warmup_steps,
                     global_batch=global_batch, lr=lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                    weight_decay_end=weight_decay_end)
-
-
-def card_dataset(cfg: TrainConfig) -> str:
-    """The data as the card names it: `--dataset-id`, else `--data` (a local folder shows its name only)."""
-    if cfg.dataset_id:
-        return cfg.dataset_id
-    return Path(cfg.data).name if Path(cfg.data).exists() else cfg.data
-
-
-def input_mpp(config: str, scales: list[str]) -> dict[str, float]:
-    """µm per stored pixel of the WSI tiles of each scale in `config` (mini resizes every tile to 384 px)."""
-    resized = config.startswith("mini")
-    return {scale: round(STANDARD_MPP * SCALE_SIDES[scale] / MINI_SIDE, 4) if resized else STANDARD_MPP
-            for scale in (scales or SCALES)}
-
-
-def run_card_context(cfg: TrainConfig, schedule: Schedule, accelerator: Accelerator) -> ModelCardContext:
-    """What the card says about this run (the trainer's part of the card context)."""
-    weight_decay: float | str = cfg.weight_decay
-    if schedule.weight_decay_end != cfg.weight_decay:
-        weight_decay = f"{cfg.weight_decay} -> {schedule.weight_decay_end} (cosine)"
-    config = {**cfg.to_dict(), "num_processes": accelerator.num_processes,
-              "steps_per_epoch": schedule.steps_per_epoch}
-    return ModelCardContext(
-        method=cfg.method, dataset=card_dataset(cfg), dataset_config=cfg.config, scales=list(cfg.scales) or None,
-        input_mpp=input_mpp(cfg.config, cfg.scales),
-        base_model=f"timm/{cfg.init}" if cfg.init else None, init=cfg.init or "none",
-        steps=schedule.total_steps, epochs=round(schedule.total_steps / schedule.steps_per_epoch, 3),
-        global_batch_size=schedule.global_batch, lr=schedule.lr, weight_decay=weight_decay,
-        warmup_steps=schedule.warmup_steps, augmentations=cfg.augment.describe(cfg.method),
-        mean=list(cfg.augment.mean), std=list(cfg.augment.std), hardware=hardware_description(accelerator),
-        mixed_precision=accelerator.mixed_precision, seed=cfg.seed,
-        config=json.loads(json.dumps(config, default=str)),
-    )
+                    weight_decay_end=weight_decay_end, warmup=warmup)
 
 
 # the loop
@@ -349,9 +314,7 @@ class StepLog:
 
 def context_with_losses(run: Run) -> ModelCardContext:
     """The card context with the loss history (and last loss) so far."""
-    history = run.progress.loss_history
-    run.context.loss_history = [list(point) for point in history]
-    run.context.final_loss = history[-1][1] if history else None
+    run.context = run.context.with_losses(run.progress.loss_history)
     return run.context
 
 
