@@ -56,7 +56,7 @@ def source_files(out: Path) -> set[str]:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_killed_worker_costs_only_its_unit(sources: Path, tmp_path: Path, monkeypatch, capsys, workers: str) -> None:
-    real = units._wsi_rows
+    real = units._wsi_items
     calls = tmp_path / "calls"
     calls.mkdir()
 
@@ -66,7 +66,7 @@ def test_killed_worker_costs_only_its_unit(sources: Path, tmp_path: Path, monkey
             os.kill(os.getpid(), 9)
         return real(unit, *args)
 
-    monkeypatch.setattr(units, "_wsi_rows", poisoned)
+    monkeypatch.setattr(units, "_wsi_items", poisoned)
     out = tmp_path / "out"
     assert convert_cli(sources, out, "--workers", workers) == 1
     err = capsys.readouterr().err
@@ -284,7 +284,7 @@ def test_full_disk_stops_before_converting(sources: Path, tmp_path: Path, monkey
     real_statvfs = os.statvfs
     calls = tmp_path / "calls"
     calls.mkdir()
-    real_rows = units._wsi_rows
+    real_rows = units._wsi_items
 
     def counted(unit, *args):
         (calls / unit.unit_id).touch()
@@ -293,7 +293,7 @@ def test_full_disk_stops_before_converting(sources: Path, tmp_path: Path, monkey
     class Full:
         f_bavail, f_frsize = 10, 4096
 
-    monkeypatch.setattr(units, "_wsi_rows", counted)
+    monkeypatch.setattr(units, "_wsi_items", counted)
     monkeypatch.setattr(os, "statvfs", lambda path: Full() if str(path).startswith(str(tmp_path)) else real_statvfs(path))
     out = tmp_path / "out"
     assert convert_cli(sources, out) == 2

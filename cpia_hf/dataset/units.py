@@ -28,6 +28,7 @@ from ..schema import FEATURES
 from ..standard import FOLDER_OF_SCALE, SCALE_SIDES, STANDARD_MPP
 from .catalog import CatalogEntry, folder_safe, subset_slug
 from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
+from .results import Failure, Skipped
 from .roi import DEFAULT_MAX_PIXELS, RoiError, convert_roi
 from .slidefiles import group_slide_files
 from .tissue import RuleName
@@ -45,12 +46,13 @@ UNIT_SCHEMA = pa.schema([*FEATURES.arrow_schema, pa.field("_ix", pa.int32()), pa
 # Unit files keep each scale folder's rows in row groups of their own and carry `_size`; a record of a unit file
 # written otherwise (an older version) is not reused.
 UNIT_LAYOUT = 2
+Row = dict  # one row of a unit file: the columns of UNIT_SCHEMA
 
 
 def _unit_column_options() -> dict:
     """Parquet column options of unit files: those `datasets` gives the published shards (image bytes PLAIN and
-    uncompressed: JPEG bytes neither compress nor repeat, and dictionary-encoding them made reading a unit file
-    30x slower), the internal columns dictionary-encoded and snappy-compressed like the other metadata."""
+    uncompressed: JPEG bytes neither compress nor repeat, so a dictionary only slows reading a unit file), the
+    internal columns dictionary-encoded and snappy-compressed like the other metadata."""
     options = get_parquet_column_options(FEATURES, FEATURES.arrow_schema)
     for name in UNIT_SCHEMA.names[len(FEATURES):]:
         options["compression"][name] = "snappy"
@@ -68,13 +70,13 @@ class RowGroupBytes:
         self.limit = limit
         self.pending = 0  # image bytes of the open row group
 
-    def add(self, size: int) -> bool:
-        """Count one row of `size` image bytes; True when the row group closes after it."""
+    def add(self, size: int) -> int:
+        """Count one row of `size` image bytes: the image bytes of the row group it closes, 0 while it stays open."""
         self.pending += size
         if self.pending < self.limit:
-            return False
-        self.pending = 0
-        return True
+            return 0
+        closed, self.pending = self.pending, 0
+        return closed
 
 
 @dataclass(frozen=True)
@@ -104,18 +106,54 @@ class Unit:
 class UnitResult:
     key: str
     rows: int
-    failures: list[dict]
+    failures: list[Failure]
     skipped: bool = False  # already done by an earlier run
-    skipped_files: list[dict] = field(default_factory=list)  # files that gave no row, with the reason
+    skipped_files: list[Skipped] = field(default_factory=list)  # files that gave no row, with the reason
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """The `.json` record next to a unit file: what made it, its rows, and the files that failed or gave none."""
+
+    fingerprint: str
+    rows: int
+    failures: tuple[Failure, ...]
+    skipped: tuple[Skipped, ...]
+    layout: int | None = UNIT_LAYOUT
+
+    @classmethod
+    def read(cls, path: Path) -> "UnitRecord | None":
+        """The record at `path`; None when there is none or it cannot be read."""
+        data = read_record(path)
+        try:
+            return cls(str(data["fingerprint"]), int(data["rows"]),
+                       tuple(Failure.from_dict(f) for f in data["failures"]),
+                       tuple(Skipped.from_dict(f) for f in data.get("skipped", [])), data.get("layout"))
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return None
+
+    def to_dict(self) -> dict:
+        """The record as kept in its file (and as the mini packs' key reads it)."""
+        return {"fingerprint": self.fingerprint, "rows": self.rows, "failures": [f.to_dict() for f in self.failures],
+                "skipped": [f.to_dict() for f in self.skipped], "layout": self.layout}
+
+    def write(self, path: Path) -> None:
+        write_atomic(path, json.dumps(self.to_dict(), indent=1).encode())
+
+    def is_current(self, fp: str) -> bool:
+        """Whether the unit file can be reused: its inputs are unchanged and it had no failures (failed files are
+        retried on every run: a fixed permission or a re-downloaded file converts without touching its stats),
+        and it is written in this version's layout."""
+        return self.fingerprint == fp and not self.failures and self.layout == UNIT_LAYOUT
 
 
 def discover_units(
-    entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_CHUNK_FILES, skipped: list[dict] | None = None
+    entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_CHUNK_FILES, skipped: list[Skipped] | None = None
 ) -> list[Unit]:
     """The units of one catalog entry, in a stable order (sorted relative paths).
 
-    Paths that match the pattern but are no regular file (a dangling symlink, a folder) are appended
-    to `skipped` as {"file", "reason"}.
+    Paths that match the pattern but are no regular file (a dangling symlink, a folder) are added to
+    `skipped`.
     """
     folder = source_root / entry.path
     if not folder.is_dir():
@@ -126,7 +164,7 @@ def discover_units(
         if path.is_file():
             files.append(relative)
         elif skipped is not None:
-            skipped.append({"file": relative, "reason": _not_a_file(path)})
+            skipped.append(Skipped(relative, _not_a_file(path)))
     if entry.kind == "wsi":
         return [Unit(entry, _wsi_unit_id(Path(group[0]).relative_to(entry.path)), group)
                 for group in group_slide_files(files, source_root)]
@@ -187,60 +225,73 @@ def unit_paths(work_dir: Path, unit: Unit) -> tuple[Path, Path]:
 
 
 def read_record(path: Path) -> dict | None:
+    """A JSON record (unit, pack, lock owner); None when there is none or it cannot be read."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def is_current(record: dict | None, fp: str) -> bool:
-    """A unit's record can be reused when its inputs are unchanged and it had no failures: failed files are
-    retried on every run (a fixed permission or a re-downloaded file converts without touching its stats).
-    A record of a unit file in another layout (an older version's) is not."""
-    return (bool(record) and record.get("fingerprint") == fp and not record.get("failures")
-            and record.get("layout") == UNIT_LAYOUT)
-
-
 def convert_unit(unit: Unit, source_root: Path, work_dir: Path, options: ConvertOptions) -> UnitResult:
     """Convert one unit unless its cached record matches; returns rows written and failures."""
     parquet_path, record_path = unit_paths(work_dir, unit)
     fp = fingerprint(unit, source_root, options)
-    record = read_record(record_path)
-    if is_current(record, fp) and parquet_path.exists():
-        return UnitResult(unit.key, record["rows"], record["failures"], skipped=True,
-                          skipped_files=record.get("skipped", []))
+    record = UnitRecord.read(record_path)
+    if record is not None and record.is_current(fp) and parquet_path.exists():
+        return UnitResult(unit.key, record.rows, list(record.failures), skipped=True,
+                          skipped_files=list(record.skipped))
     with output_errors(parquet_path):  # a full disk stops the run before the unit's work, not after it
         require_free_space(parquet_path.parent, FREE_SPACE_MARGIN + ROW_GROUP_BYTES)
-    failures: list[dict] = []
     if _retry_only_failed(unit, record, fp, parquet_path):
-        rows = _merged_rows(unit, record, parquet_path, source_root, options, failures)
+        items = _merged_items(unit, record, parquet_path, source_root, options)
     else:
-        rows = _unit_rows(unit, source_root, options, failures)
-    count = _write_unit_parquet(parquet_path, rows)
-    skipped = _empty_slide(unit, source_root, options) if count == 0 and not failures else []
-    record = {"fingerprint": fp, "rows": count, "failures": failures, "skipped": skipped, "layout": UNIT_LAYOUT}
-    write_atomic(record_path, json.dumps(record, indent=1).encode())
-    return UnitResult(unit.key, count, failures, skipped_files=skipped)
+        items = _unit_items(unit, source_root, options)
+    rows = _Rows(items)
+    count = _write_unit_parquet(parquet_path, iter(rows))
+    skipped = _empty_slide(unit, source_root, options) if count == 0 and not rows.failures else []
+    UnitRecord(fp, count, tuple(rows.failures), tuple(skipped)).write(record_path)
+    return UnitResult(unit.key, count, rows.failures, skipped_files=skipped)
 
 
-def _retry_only_failed(unit: Unit, record: dict | None, fp: str, parquet_path: Path) -> bool:
+class _Rows:
+    """The rows among a unit's items, for the writer; the failures among them are kept, in order."""
+
+    def __init__(self, items: Iterator[Row | Failure]):
+        self.items = items
+        self.failures: list[Failure] = []
+
+    def __iter__(self) -> Iterator[Row]:
+        for item in self.items:
+            if isinstance(item, Failure):
+                self.failures.append(item)
+            else:
+                yield item
+
+
+def _retry_only_failed(unit: Unit, record: UnitRecord | None, fp: str, parquet_path: Path) -> bool:
     """An ROI chunk whose inputs are unchanged needs only its failed files converted again."""
-    return unit.entry.kind == "roi" and bool(record) and record.get("fingerprint") == fp and parquet_path.exists()
+    return (unit.entry.kind == "roi" and record is not None and record.fingerprint == fp
+            and parquet_path.exists())
 
 
-def _merged_rows(
-    unit: Unit, record: dict, parquet_path: Path, source_root: Path, options: ConvertOptions, failures: list[dict]
-) -> Iterator[dict]:
+def _merged_items(
+    unit: Unit, record: UnitRecord, parquet_path: Path, source_root: Path, options: ConvertOptions
+) -> Iterator[Row | Failure]:
     """The chunk's cached rows plus those of its failed files converted again, in the chunk's file order
-    (so the packed shards equal those of a clean run)."""
-    failed = {f["file"] for f in record["failures"]}
+    (so the packed shards equal those of a clean run); the files that fail again first."""
+    failed = {f.file for f in record.failures}
     retry = Unit(unit.entry, unit.unit_id, tuple(f for f in unit.files if f in failed))
-    rows = pq.read_table(parquet_path).to_pylist() + list(_unit_rows(retry, source_root, options, failures))
+    rows = pq.read_table(parquet_path).to_pylist()
+    for item in _unit_items(retry, source_root, options):
+        if isinstance(item, Failure):
+            yield item
+        else:
+            rows.append(item)
     order = {file: k for k, file in enumerate(unit.files)}
-    return iter(sorted(rows, key=lambda row: order[row["source_file"]]))
+    yield from sorted(rows, key=lambda row: order[row["source_file"]])
 
 
-def _write_unit_parquet(path: Path, rows: Iterator[dict]) -> int:
+def _write_unit_parquet(path: Path, rows: Iterator[Row]) -> int:
     """Write rows in row groups of one scale folder each, of about ROW_GROUP_BYTES of images (so that packing a
     folder reads only its row groups), with each image's size in `_size`; an empty unit gets an empty file."""
     count = 0
@@ -264,10 +315,10 @@ def _write_unit_parquet(path: Path, rows: Iterator[dict]) -> int:
     return count
 
 
-def _row_batches(rows: Iterator[dict]) -> Iterator[list[dict]]:
+def _row_batches(rows: Iterator[Row]) -> Iterator[list[Row]]:
     """Row groups of one scale folder each: each folder's rows in their order, closed by RowGroupBytes per folder
     (the open ones last, by folder name); an empty unit gives one empty batch."""
-    open_groups: dict[str, tuple[list[dict], RowGroupBytes]] = {}
+    open_groups: dict[str, tuple[list[Row], RowGroupBytes]] = {}
     emitted = False
     for row in rows:
         folder = FOLDER_OF_SCALE[row["scale"]]
@@ -285,7 +336,7 @@ def _row_batches(rows: Iterator[dict]) -> Iterator[list[dict]]:
         yield []
 
 
-def _empty_slide(unit: Unit, source_root: Path, options: ConvertOptions) -> list[dict]:
+def _empty_slide(unit: Unit, source_root: Path, options: ConvertOptions) -> list[Skipped]:
     """Why a slide that converted without error gave no tile: too small, or no tissue under the rule."""
     if unit.entry.kind != "wsi":
         return []
@@ -295,14 +346,14 @@ def _empty_slide(unit: Unit, source_root: Path, options: ConvertOptions) -> list
     try:
         info = open_slide_info(source_root / file, unit.entry.mpp)
     except SlideError as error:
-        return [{"file": file, "reason": f"no tile kept ({error.reason})"}]
+        return [Skipped(file, f"no tile kept ({error.reason})")]
     side = SCALE_SIDES["M"]
     if min(info.std_width, info.std_height) < side:
         reason = (f"no tile kept: too small, {info.std_width}x{info.std_height} px at {STANDARD_MPP} um/px "
                   f"is less than one M tile ({side} px)")
     else:
         reason = f"no tile kept: no tissue found by the '{options.tissue_rule}' tissue rule (blank or faint slide)"
-    return [{"file": file, "reason": reason}]
+    return [Skipped(file, reason)]
 
 
 def _metadata(entry: CatalogEntry) -> dict:
@@ -317,21 +368,23 @@ def _metadata(entry: CatalogEntry) -> dict:
     }
 
 
-def _unit_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: list[dict]) -> Iterator[dict]:
+def _unit_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Iterator[Row | Failure]:
+    """A unit's rows, and a Failure for each file (or part of a slide) that gives none, in the order met."""
     if unit.entry.kind == "wsi":
-        yield from _wsi_rows(unit, source_root, options, failures)
+        yield from _wsi_items(unit, source_root, options)
     else:
-        yield from _roi_rows(unit, source_root, options, failures)
+        yield from _roi_items(unit, source_root, options)
 
 
-def _wsi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: list[dict]) -> Iterator[dict]:
+def _wsi_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Iterator[Row | Failure]:
     from .slides import SlideError, iter_slide_tiles
     from .tissue import TissueRule  # slide readers load only where slides are converted
 
     file = unit.files[0]  # the main file of a multi-file slide (DICOM series, MIRAX, VMS)
     if not is_utf8(file):
-        failures.append({"file": display_name(file), "reason": NOT_UTF8})
+        yield Failure(display_name(file), NOT_UTF8)
         return
+    cell_errors: list[str] = []  # the slide reader reports a failed cell through a callback, mid-iteration
     meta = _metadata(unit.entry)
     rule = TissueRule(name=options.tissue_rule, min_fraction=options.min_tissue_fraction)
     tiles = iter_slide_tiles(
@@ -341,10 +394,11 @@ def _wsi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: 
         rule=rule,
         s_per_m=options.s_per_m,
         seed=options.seed,
-        on_cell_error=lambda reason: failures.append({"file": file, "reason": reason}),
+        on_cell_error=cell_errors.append,
     )
     try:
         for tile in tiles:
+            yield from _drain(file, cell_errors)
             yield {
                 "image": {"bytes": encode_jpeg(tile.pixels, options.jpeg_quality), "path": None},
                 "image_id": tile.image_id,
@@ -363,10 +417,19 @@ def _wsi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: 
                 **meta,
             }
     except SlideError as error:
-        failures.append({"file": file, "reason": error.reason})
+        yield from _drain(file, cell_errors)
+        yield Failure(file, error.reason)
+        return
+    yield from _drain(file, cell_errors)
 
 
-def _roi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: list[dict]) -> Iterator[dict]:
+def _drain(file: str, reasons: list[str]) -> Iterator[Failure]:
+    """The failures of `file` reported so far, each once."""
+    while reasons:
+        yield Failure(file, reasons.pop(0))
+
+
+def _roi_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Iterator[Row | Failure]:
     entry = unit.entry
     meta = _metadata(entry)
     train_files = None
@@ -375,16 +438,16 @@ def _roi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: 
     for file in unit.files:
         path = source_root / file
         if not is_utf8(file):
-            failures.append({"file": display_name(file), "reason": NOT_UTF8})
+            yield Failure(display_name(file), NOT_UTF8)
             continue
         try:
             roi = convert_roi(path, max_pixels=options.max_roi_pixels)
             image_bytes = encode_jpeg(roi.pixels, options.jpeg_quality)
         except RoiError as error:
-            failures.append({"file": file, "reason": error.reason})
+            yield Failure(file, error.reason)
             continue
         except Exception as error:  # any other failure of one file costs only that file
-            failures.append({"file": file, "reason": f"{type(error).__name__}: {error}"})
+            yield Failure(file, f"{type(error).__name__}: {error}")
             continue
         label = path.parent.name if entry.label_from == "parent" else None
         stem = Path(file).stem
