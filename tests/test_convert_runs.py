@@ -236,6 +236,70 @@ def test_damaged_shard_is_named_and_rebuilt(sources: Path, tmp_path: Path, capsy
     assert tree_digest(out) == before
 
 
+def flip_image_byte(unit_file: Path) -> None:
+    """Flip one byte inside a stored JPEG of a unit file: the file still reads, one image is silently wrong."""
+    import pyarrow.parquet as pq
+
+    image = pq.read_table(unit_file, columns=["image"]).column("image")[0].as_py()["bytes"]
+    data = bytearray(unit_file.read_bytes())
+    offset = data.find(image[len(image) // 2 : len(image) // 2 + 64])
+    assert offset > 0
+    data[offset] ^= 0xFF
+    unit_file.write_bytes(bytes(data))
+
+
+def test_damaged_unit_file_is_rebuilt_and_never_reaches_a_shard(sources: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert convert_cli(sources, out, "--subsets", "r,w") == 0
+    before = tree_digest(out)
+    unit_file = out / ".work" / "units" / "w" / "a.parquet"
+    original = unit_file.read_bytes()
+    flip_image_byte(unit_file)
+    for shard in (out / "data" / "full").rglob("w-*.parquet"):  # every shard of the subset is packed again
+        shard.unlink()
+    capsys.readouterr()
+    assert convert_cli(sources, out, "--subsets", "r,w") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"rebuilt damaged unit file {unit_file}: content differs from the recorded SHA-256" in lines
+    assert "units: 4 (3 already done)" in lines
+    assert unit_file.read_bytes() == original
+    assert tree_digest(out) == before
+    # a truncated unit file: found by its size, whatever its time
+    stat = unit_file.stat()
+    unit_file.write_bytes(original[:-500])
+    os.utime(unit_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert convert_cli(sources, out, "--subsets", "r,w") == 0
+    expected = f"rebuilt damaged unit file {unit_file}: {len(original) - 500} bytes, {len(original)} recorded"
+    assert expected in capsys.readouterr().out.splitlines()
+    assert unit_file.read_bytes() == original and tree_digest(out) == before
+    # a flipped byte under the recorded time is found by --verify-shards
+    stat = unit_file.stat()
+    flip_image_byte(unit_file)
+    os.utime(unit_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert convert_cli(sources, out, "--subsets", "r,w", "--verify-shards") == 0
+    assert f"rebuilt damaged unit file {unit_file}: content differs" in capsys.readouterr().out
+    assert unit_file.read_bytes() == original
+
+
+def test_copied_output_reruns_rewriting_nothing(sources: Path, tmp_path: Path, capsys) -> None:
+    import subprocess
+
+    out = tmp_path / "out"
+    assert convert_cli(sources, out, "--subsets", "r,w") == 0
+    copy = tmp_path / "elsewhere" / "out"
+    copy.parent.mkdir()
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)  # new times, another path
+    files = sorted(p for p in copy.rglob("*.parquet"))
+    assert any(".work" in p.parts for p in files) and any("data" in p.parts for p in files)
+    written = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+    capsys.readouterr()
+    assert convert_cli(sources, copy, "--subsets", "r,w") == 0
+    text = capsys.readouterr().out
+    assert "units: 4 (4 already done)" in text and "rebuilt" not in text
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(copy.rglob("*.parquet"))} == written
+    assert tree_digest(copy) == tree_digest(out)
+
+
 def test_what_gives_no_row_is_named(tmp_path: Path, capsys) -> None:
     import numpy as np
 

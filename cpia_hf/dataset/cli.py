@@ -36,7 +36,8 @@ def configure_convert(parser: argparse.ArgumentParser) -> None:
                         help="share of WSI grid cells taken into mini")
     parser.add_argument("--seed", type=int, default=ConvertOptions.seed)
     parser.add_argument("--verify-shards", action="store_true",
-                        help="check the SHA-256 of every published shard (default: of those whose size or time changed)")
+                        help="check the SHA-256 of every published shard and reused unit file (default: of those "
+                             "whose time changed)")
     parser.add_argument("--no-progress", action="store_true")
 
 

@@ -40,6 +40,7 @@ class ConvertReport:
     missing: list[str] = field(default_factory=list)  # source folders not found
     skipped: list[Skipped] = field(default_factory=list)  # files that gave no row without an error, with their subset
     repaired: list[str] = field(default_factory=list)  # damaged published shards rebuilt, with the damage
+    rebuilt_units: list[str] = field(default_factory=list)  # damaged unit files converted again, with the damage
     coverage: list[Coverage] = field(default_factory=list)  # built vs released, per subset (full only)
     empty: bool = False  # a packing run that built no row at all
 
@@ -68,7 +69,7 @@ def convert(
     the packing as tasks of that Dask cluster instead of `workers` local processes (see cluster.py);
     `source_root` and `out_dir` must then be paths every worker sees. A run holds the folder's lock
     (`OutputLocked` when another run has it). `verify_shards` checks the SHA-256 of every published
-    shard, not only of those whose size or time changed.
+    shard and every unit file it reuses, not only of those whose time changed.
     """
     configs = tuple(configs)
     unknown = set(configs) - set(CONFIGS)
@@ -79,7 +80,7 @@ def convert(
         report = ConvertReport()
         units = _discover(entries, source_root, out_dir, report)
         with _executor(workers, scheduler) as executor:
-            _convert_units(executor, units, source_root, out_dir / ".work", options, progress, report)
+            _convert_units(executor, units, source_root, out_dir / ".work", options, verify_shards, progress, report)
             _pack(executor, entries, units, out_dir, configs, options, mini_fraction, verify_shards, progress, report)
         report.empty = not any(n for rows in report.rows.values() for n in rows.values())
         if report.empty:  # nothing to publish: no card that declares no config
@@ -112,11 +113,11 @@ def _discover(entries: list[CatalogEntry], source_root: Path, out_dir: Path, rep
 
 
 def _convert_units(
-    executor: Executor, units: list[Unit], source_root: Path, work_dir: Path, options: ConvertOptions, progress: bool,
-    report: ConvertReport,
+    executor: Executor, units: list[Unit], source_root: Path, work_dir: Path, options: ConvertOptions, verify: bool,
+    progress: bool, report: ConvertReport,
 ) -> None:
-    outcomes = executor.map(convert_unit, [(u, source_root, work_dir, options) for u in units], "convert units",
-                            progress)
+    outcomes = executor.map(convert_unit, [(u, source_root, work_dir, options, verify) for u in units],
+                            "convert units", progress)
     _stop_on_output_error(outcomes)
     for unit, outcome in zip(units, outcomes):
         subset = unit.entry.name
@@ -125,6 +126,8 @@ def _convert_units(
             continue
         result = outcome.value
         report.skipped_units += result.skipped
+        if result.rebuilt:
+            report.rebuilt_units.append(result.rebuilt)
         report.failures.extend(f.of_subset(subset) for f in result.failures)
         report.skipped.extend(f.of_subset(subset) for f in result.skipped_files)
 
@@ -171,7 +174,7 @@ def _pack_full(executor: Executor, entries: list[CatalogEntry], done: dict[str, 
 
 def _mini_job(entry: CatalogEntry, files: list[Path], records: list[UnitRecord], cells: int | None,
               options: ConvertOptions, work_dir: Path, verify: bool) -> MiniJob:
-    key = pack_key(pack_key("mini", [r.to_dict() for r in records]), cells)
+    key = pack_key(pack_key("mini", [r.content() for r in records]), cells)
     return MiniJob(entry, tuple(files), key, cells, options, work_dir, verify)
 
 
@@ -265,6 +268,8 @@ def print_report(report: ConvertReport, out_dir: Path, verbose: bool = False) ->
     _print_missing(report.missing, out_dir, verbose)
     for skipped in report.skipped:
         print(f"skipped: {skipped.line()}")
+    for damage in report.rebuilt_units:
+        print(f"rebuilt damaged unit file {damage}")
     for damage in report.repaired:
         print(f"rebuilt damaged shard {damage}")
     if report.coverage:

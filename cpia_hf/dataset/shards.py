@@ -35,6 +35,7 @@ from datasets.arrow_writer import ParquetWriter
 from ..atomic import FREE_SPACE_MARGIN, atomic_path, output_errors, require_free_space, write_atomic
 from ..schema import COLUMNS, FEATURES
 from ..standard import FOLDER_OF_SCALE, FOLDERS
+from .stamps import FileStamp
 from .units import ROW_GROUP_BYTES, RowGroupBytes, read_record
 
 SHARD_BYTES = 500 * 1000 * 1000
@@ -213,7 +214,10 @@ class _SeriesPlanner:
 
     def _close_shard(self) -> None:
         index, limit = len(self.plans), self.rolling.groups.limit
-        key = pack_key("planned-shard", self.folder, self.slug, index, self.pieces, self.prints, FOLDER_OF_SCALE,
+        # the unit files by name, not path: an output folder copied elsewhere plans the same keys
+        pieces = [(Path(path).name, start, end) for path, start, end in self.pieces]
+        prints = {Path(path).name: fingerprint for path, fingerprint in self.prints.items()}
+        key = pack_key("planned-shard", self.folder, self.slug, index, pieces, prints, FOLDER_OF_SCALE,
                        COLUMNS, self.rolling.shard_bytes, limit)
         rows = sum(end - start for _, start, end in self.pieces)
         self.plans.append(ShardPlan(self.folder, self.slug, index, tuple(self.pieces), rows, key, limit))
@@ -349,19 +353,19 @@ class PackRecord:
     rows."""
 
     key: str
-    shards: dict[str, dict]
+    shards: dict[str, FileStamp]
     rows: int | dict[str, int]
 
     @classmethod
     def read(cls, path: Path) -> "PackRecord | None":
         data = read_record(path)
         try:
-            return cls(data["key"], dict(data["shards"]), data["rows"])
-        except (TypeError, KeyError, ValueError):
+            return cls(data["key"], {name: FileStamp.from_dict(s) for name, s in data["shards"].items()}, data["rows"])
+        except (TypeError, KeyError, ValueError, AttributeError):
             return None
 
     def write(self, path: Path) -> None:
-        data = {"key": self.key, "shards": self.shards, "rows": self.rows}
+        data = {"key": self.key, "shards": {name: s.to_dict() for name, s in self.shards.items()}, "rows": self.rows}
         write_atomic(path, json.dumps(data, indent=1).encode())
 
 
@@ -370,23 +374,32 @@ def cached_output(record_path: Path, folder: Path, key: str, verify: bool,
     """The one write path of published files: (rows, damage found).
 
     When the record at `record_path` holds `key` and every file it stamps under `folder` is intact
-    (`damaged_shards`: its recorded size, and its SHA-256 where its modification time changed or when
-    `verify`), nothing is written. Otherwise `build()` writes the files (returning them and their rows),
+    (`stamps.FileStamp`: its recorded size, and its SHA-256 where its modification time changed or when
+    `verify`), nothing is written (but the record's times, when a file was found intact under another
+    time: copied or restored). Otherwise `build()` writes the files (returning them and their rows),
     the files under `folder` that match the glob `stale` and were not written are removed, and the record
     is written last, so that a run killed before it rebuilds. The damage names the files rebuilt, and why.
     """
     record = PackRecord.read(record_path)
     damage: list[str] = []
     if record is not None and record.key == key:
-        damage = damaged_shards(folder, record.shards, verify)
+        damage = [d for name, stamp in record.shards.items() if (d := stamp.damage(folder / name, verify))]
         if not damage:
+            _refresh_times(record, folder, record_path)
             return record.rows, []
     written, rows = build()
     if stale is not None:
         remove_stale(folder, stale, set(written))
-    stamps = {path.relative_to(folder).as_posix(): shard_stamp(path) for path in sorted(written)}
+    stamps = {path.relative_to(folder).as_posix(): FileStamp.of(path) for path in sorted(written)}
     PackRecord(key, stamps, rows).write(record_path)
     return rows, damage
+
+
+def _refresh_times(record: PackRecord, folder: Path, record_path: Path) -> None:
+    """Record the current times of intact files found under other times, so that the next run trusts them."""
+    stamps = {name: stamp.refreshed(folder / name) for name, stamp in record.shards.items()}
+    if stamps != record.shards:
+        PackRecord(record.key, stamps, record.rows).write(record_path)
 
 
 def remove_stale(root: Path, pattern: str, keep: set[Path]) -> list[Path]:
@@ -420,34 +433,6 @@ def _write_shards(
             s.abort(error)
         raise
     return written, {folder: s.rows for folder, s in sorted(series.items())}
-
-
-def shard_stamp(path: Path) -> dict:
-    """What a published shard is checked against on a rerun: size, modification time, SHA-256."""
-    stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
-
-
-def damaged_shards(config_dir: Path, stamps: dict[str, dict], verify: bool) -> list[str]:
-    """The recorded shards that are missing or differ from their record, each with what is wrong."""
-    damage = []
-    for name, stamp in stamps.items():
-        path = config_dir / name
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            damage.append(f"{path}: missing")
-            continue
-        if stat.st_size != stamp["size"]:
-            damage.append(f"{path}: {stat.st_size} bytes, {stamp['size']} recorded")
-        elif (verify or stat.st_mtime_ns != stamp["mtime_ns"]) and file_sha256(path) != stamp["sha256"]:
-            damage.append(f"{path}: content differs from the recorded SHA-256")
-    return damage
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def pack_key(*parts: object) -> str:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -31,6 +31,7 @@ from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
 from .results import Failure, Skipped
 from .roi import DEFAULT_MAX_PIXELS, RoiError, convert_roi
 from .slidefiles import group_slide_files
+from .stamps import FileStamp
 from .tissue import RuleName
 
 ROW_GROUP_BYTES = 64 * 1024 * 1024
@@ -109,42 +110,52 @@ class UnitResult:
     failures: list[Failure]
     skipped: bool = False  # already done by an earlier run
     skipped_files: list[Skipped] = field(default_factory=list)  # files that gave no row, with the reason
+    rebuilt: str | None = None  # the damage of the unit file found and rebuilt, in words that name it
 
 
 @dataclass(frozen=True)
 class UnitRecord:
-    """The `.json` record next to a unit file: what made it, its rows, and the files that failed or gave none."""
+    """The `.json` record next to a unit file: what made it, its rows, the files that failed or gave none, and the
+    unit file's stamp (size, time, SHA-256) taken when it was written."""
 
     fingerprint: str
     rows: int
     failures: tuple[Failure, ...]
     skipped: tuple[Skipped, ...]
     layout: int | None = UNIT_LAYOUT
+    stamp: FileStamp | None = None  # None in a record of an older version
 
     @classmethod
     def read(cls, path: Path) -> "UnitRecord | None":
         """The record at `path`; None when there is none or it cannot be read."""
         data = read_record(path)
         try:
+            stamp = FileStamp.from_dict(data["file"]) if "file" in data else None
             return cls(str(data["fingerprint"]), int(data["rows"]),
                        tuple(Failure.from_dict(f) for f in data["failures"]),
-                       tuple(Skipped.from_dict(f) for f in data.get("skipped", [])), data.get("layout"))
+                       tuple(Skipped.from_dict(f) for f in data.get("skipped", [])), data.get("layout"), stamp)
         except (TypeError, KeyError, ValueError, AttributeError):
             return None
 
-    def to_dict(self) -> dict:
-        """The record as kept in its file (and as the mini packs' key reads it)."""
+    def content(self) -> dict:
+        """What the unit file holds, as the mini packs' key reads it (not where or when it was written)."""
         return {"fingerprint": self.fingerprint, "rows": self.rows, "failures": [f.to_dict() for f in self.failures],
                 "skipped": [f.to_dict() for f in self.skipped], "layout": self.layout}
 
     def write(self, path: Path) -> None:
-        write_atomic(path, json.dumps(self.to_dict(), indent=1).encode())
+        data = {**self.content(), **({"file": self.stamp.to_dict()} if self.stamp else {})}
+        write_atomic(path, json.dumps(data, indent=1).encode())
 
-    def is_current(self, fp: str) -> bool:
-        """Whether the unit file can be reused: its inputs are unchanged and it had no failures (failed files are
-        retried on every run: a fixed permission or a re-downloaded file converts without touching its stats),
-        and it is written in this version's layout."""
-        return self.fingerprint == fp and not self.failures and self.layout == UNIT_LAYOUT
+    def matches(self, fp: str) -> bool:
+        """Whether the unit file was made from these inputs, in this version's layout."""
+        return self.fingerprint == fp and self.layout == UNIT_LAYOUT
+
+    def file_damage(self, path: Path, verify: bool) -> str | None:
+        """What is wrong with the unit file against the stamp (`FileStamp.damage`); None when it is intact. A record
+        of an older version has no stamp: its file is taken as it is, and stamped when it is reused."""
+        if self.stamp is None:
+            return None if path.exists() else f"{path}: missing"
+        return self.stamp.damage(path, verify)
 
 
 def discover_units(
@@ -232,25 +243,44 @@ def read_record(path: Path) -> dict | None:
         return None
 
 
-def convert_unit(unit: Unit, source_root: Path, work_dir: Path, options: ConvertOptions) -> UnitResult:
-    """Convert one unit unless its cached record matches; returns rows written and failures."""
+def convert_unit(unit: Unit, source_root: Path, work_dir: Path, options: ConvertOptions,
+                 verify: bool = False) -> UnitResult:
+    """Convert one unit unless its record matches its inputs, lists no failure and its unit file is intact (failed
+    files are retried on every run: a fixed permission or a re-downloaded file converts without touching its
+    stats; a damaged unit file is converted again, and named); returns rows written and failures. `verify`
+    checks the SHA-256 of a unit file reused even when its time is the recorded one."""
     parquet_path, record_path = unit_paths(work_dir, unit)
     fp = fingerprint(unit, source_root, options)
     record = UnitRecord.read(record_path)
-    if record is not None and record.is_current(fp) and parquet_path.exists():
+    reusable = record is not None and record.matches(fp)
+    damage = record.file_damage(parquet_path, verify) if reusable else None
+    if reusable and damage is None and not record.failures:
+        _keep_stamp(record, parquet_path, record_path)
         return UnitResult(unit.key, record.rows, list(record.failures), skipped=True,
                           skipped_files=list(record.skipped))
     with output_errors(parquet_path):  # a full disk stops the run before the unit's work, not after it
         require_free_space(parquet_path.parent, FREE_SPACE_MARGIN + ROW_GROUP_BYTES)
-    if _retry_only_failed(unit, record, fp, parquet_path):
+    if reusable and damage is None and unit.entry.kind == "roi":  # an ROI chunk: only its failed files again
         items = _merged_items(unit, record, parquet_path, source_root, options)
     else:
         items = _unit_items(unit, source_root, options)
     rows = _Rows(items)
     count = _write_unit_parquet(parquet_path, iter(rows))
     skipped = _empty_slide(unit, source_root, options) if count == 0 and not rows.failures else []
-    UnitRecord(fp, count, tuple(rows.failures), tuple(skipped)).write(record_path)
-    return UnitResult(unit.key, count, rows.failures, skipped_files=skipped)
+    UnitRecord(fp, count, tuple(rows.failures), tuple(skipped), stamp=FileStamp.of(parquet_path)).write(record_path)
+    return UnitResult(unit.key, count, rows.failures, skipped_files=skipped, rebuilt=damage)
+
+
+def _keep_stamp(record: UnitRecord, parquet_path: Path, record_path: Path) -> None:
+    """Stamp a reused unit file whose record has none (an older version's), or record its current time once its
+    content is verified (a copied or restored output), so that the next run trusts it without reading it."""
+    if record.stamp is None:
+        stamp = FileStamp.of(parquet_path)
+    else:
+        stamp = record.stamp.refreshed(parquet_path)
+        if stamp == record.stamp:
+            return
+    replace(record, stamp=stamp).write(record_path)
 
 
 class _Rows:
@@ -266,12 +296,6 @@ class _Rows:
                 self.failures.append(item)
             else:
                 yield item
-
-
-def _retry_only_failed(unit: Unit, record: UnitRecord | None, fp: str, parquet_path: Path) -> bool:
-    """An ROI chunk whose inputs are unchanged needs only its failed files converted again."""
-    return (unit.entry.kind == "roi" and record is not None and record.fingerprint == fp
-            and parquet_path.exists())
 
 
 def _merged_items(
