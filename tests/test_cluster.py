@@ -118,6 +118,23 @@ def test_poisoned_unit_is_named_and_the_rest_finishes(demo_build: Path, cluster:
     assert built == {k: v for k, v in tree_digest(demo_build / "dataset").items() if k.startswith("data/")}
 
 
+def test_a_file_that_kills_its_workers_costs_only_itself_in_an_roi_batch(demo_build: Path, cluster: str,
+                                                                          client: Client, tmp_path: Path) -> None:
+    sources = tmp_path / "sources"
+    shutil.copytree(demo_build / "sources", sources)
+    shutil.copy(sources / "demo-blood-roi" / "cell_02.jpg", sources / "demo-blood-roi" / "cell_02_poison.jpg")
+    out = tmp_path / "dataset"
+    result = run_convert(sources, out, cluster)
+    assert result.returncode == 1
+    failed = [line for line in result.stderr.splitlines() if line.startswith("  [")]
+    assert len(failed) == 1 and re.fullmatch(
+        r"  \[demo-blood-roi\] demo-blood-roi/cell_02_poison\.jpg: worker killed 2 times running it "
+        r"\(distributed\.scheduler\.allowed-failures = 1\): probably out of memory or a crashing decoder; "
+        r"last worker tcp://127\.0\.0\.1:\d+", failed[0]), result.stderr
+    built = {k: v for k, v in tree_digest(out).items() if k.startswith("data/")}
+    assert built == {k: v for k, v in tree_digest(demo_build / "dataset").items() if k.startswith("data/")}
+
+
 def test_interrupted_client_resumes(demo_build: Path, cluster: str, client: Client, tmp_path: Path) -> None:
     out = tmp_path / "dataset"
     kill_after_first_unit(convert_command(demo_build / "sources", out, cluster), out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,63 @@ def test_killed_worker_costs_only_its_unit(sources: Path, tmp_path: Path, monkey
     assert source_files(out) == {"wsi/a.svs", "wsi/c.svs", "roi/ok_0.png", "roi/ok_1.png", "roi/ok_2.png"}
     assert (out / "README.md").exists()
     assert list(out.rglob(TEMP_GLOB)) == []  # the killed worker's unfinished unit file is gone
+
+
+def roi_batch(root: Path, names: list[str]) -> Path:
+    """One ROI chunk of the given PNG files, with its catalog."""
+    (root / "roi").mkdir(parents=True)
+    for k, name in enumerate(names):
+        Image.fromarray(he_like_image(120 + 10 * k, 100, seed=30 + k)).save(root / "roi" / name)
+    (root / "catalog.yaml").write_text(yaml.safe_dump({"version": 1, "entries": [
+        {"name": "r", "kind": "roi", "path": "roi", "pattern": "*.png", "scale": "M", **COMMON}]}))
+    return root
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_file_that_kills_its_worker_costs_only_itself(tmp_path: Path, monkeypatch, capsys, workers: str) -> None:
+    names = [f"ok_{k}.png" for k in range(9)]
+    names.insert(6, "ok_5_killer.png")  # in the middle of the chunk
+    sources = roi_batch(tmp_path / "sources", names)
+    real = units.convert_roi
+    converted = tmp_path / "converted"  # each conversion of a file leaves a mark (workers are processes)
+    converted.mkdir()
+
+    def killing(path, **kwargs):
+        if path.name == "ok_5_killer.png":
+            os.kill(os.getpid(), 9)
+        (converted / f"{path.name}-{os.getpid()}-{time.monotonic_ns()}").touch()
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(units, "convert_roi", killing)
+    out = tmp_path / "out"
+    assert convert_cli(sources, out, "--workers", workers) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == ["FAILED: 1 file(s) could not be converted (the rest was):",
+                        "  [r] roi/ok_5_killer.png: worker killed, signal 9 (SIGKILL), probably out of memory"]
+    assert source_files(out) == {f"roi/{name}" for name in names if name != "ok_5_killer.png"}
+    clean = tmp_path / "clean"  # the same chunk without the killer
+    (tmp_path / "sources" / "roi" / "ok_5_killer.png").rename(tmp_path / "ok_5_killer.png")
+    monkeypatch.setattr(units, "convert_roi", real)
+    assert convert_cli(sources, clean) == 0
+    assert {k: v for k, v in tree_digest(out).items() if k.startswith("data/")} == \
+        {k: v for k, v in tree_digest(clean).items() if k.startswith("data/")}
+    assert sorted(p.name for p in (out / ".work" / "units" / "r").iterdir()) == ["roi-00000.json", "roi-00000.parquet"]
+    # a rerun converts only the killer again, and names it alone
+    (tmp_path / "ok_5_killer.png").rename(tmp_path / "sources" / "roi" / "ok_5_killer.png")
+    monkeypatch.setattr(units, "convert_roi", killing)
+    for mark in converted.iterdir():
+        mark.unlink()
+    capsys.readouterr()
+    assert convert_cli(sources, out, "--workers", workers) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "  [r] roi/ok_5_killer.png: worker killed, signal 9 (SIGKILL), probably out of memory"
+    assert list(converted.iterdir()) == []
+    # once the file no longer kills, it converts and the output is a clean run's
+    monkeypatch.setattr(units, "convert_roi", real)
+    assert convert_cli(sources, out) == 0
+    whole = tmp_path / "whole"
+    assert convert_cli(sources, whole) == 0
+    assert tree_digest(out) == tree_digest(whole)
 
 
 def test_failed_file_is_retried_on_rerun(sources: Path, tmp_path: Path, monkeypatch, capsys) -> None:

@@ -23,7 +23,19 @@ from .mini import (
 from .outlock import output_lock
 from .results import Failure, Outcome, Skipped, StepFailure
 from .shards import SHARD_BYTES, PackResult, ShardPlan, pack_key, plan_shards, remove_unplanned, write_planned_shard
-from .units import UNIT_LAYOUT, ConvertOptions, Unit, UnitRecord, convert_unit, discover_units, unit_paths
+from .errors import WorkerKilled
+from .units import (
+    UNIT_LAYOUT,
+    ConvertOptions,
+    Unit,
+    UnitRecord,
+    convert_unit,
+    discover_units,
+    merge_pieces,
+    piece_of,
+    roi_files_to_convert,
+    unit_paths,
+)
 
 CONFIGS = ("full", "mini")
 MISSING_LIST = ".work/missing-sources.txt"  # source folders not found by the last run, one a line
@@ -119,6 +131,7 @@ def _convert_units(
     outcomes = executor.map(convert_unit, [(u, source_root, work_dir, options, verify) for u in units],
                             "convert units", progress)
     _stop_on_output_error(outcomes)
+    outcomes = _isolate_killers(executor, units, outcomes, source_root, work_dir, options, verify, progress)
     for unit, outcome in zip(units, outcomes):
         subset = unit.entry.name
         if not outcome.ok:
@@ -130,6 +143,47 @@ def _convert_units(
             report.rebuilt_units.append(result.rebuilt)
         report.failures.extend(f.of_subset(subset) for f in result.failures)
         report.skipped.extend(f.of_subset(subset) for f in result.skipped_files)
+
+
+def _isolate_killers(
+    executor: Executor, units: list[Unit], outcomes: list[Outcome], source_root: Path, work_dir: Path,
+    options: ConvertOptions, verify: bool, progress: bool,
+) -> list[Outcome]:
+    """The outcomes, with those of the ROI chunks whose worker died replaced: such a chunk's files are converted
+    again in halves, a half whose worker dies again in halves of its own, until each death is one file's; the
+    chunk's unit file is then merged from its pieces, the files that killed a worker listed as its failures."""
+    killed_chunks = [k for k, (unit, outcome) in enumerate(zip(units, outcomes))
+                     if unit.entry.kind == "roi" and isinstance(outcome.error, WorkerKilled)]
+    if not killed_chunks:
+        return outcomes
+    pieces: dict[int, list[Unit]] = {k: [] for k in killed_chunks}
+    killers: dict[int, list[Failure]] = {k: [] for k in killed_chunks}
+    pending: list[tuple[int, tuple[str, ...]]] = []
+
+    def settle(k: int, files: tuple[str, ...], outcome: Outcome) -> None:
+        if outcome.ok:
+            pieces[k].append(piece_of(units[k], files))
+        elif isinstance(outcome.error, WorkerKilled) and len(files) > 1:
+            pending.extend((k, half) for half in (files[: len(files) // 2], files[len(files) // 2 :]))
+        else:
+            killers[k].extend(Failure(file, outcome.reason()) for file in files)
+
+    for k in killed_chunks:
+        settle(k, roi_files_to_convert(units[k], source_root, work_dir, options, verify), outcomes[k])
+    while pending:
+        round_, pending = pending, []
+        results = executor.map(convert_unit, [(piece_of(units[k], files), source_root, work_dir, options)
+                                              for k, files in round_], "isolate killer files", progress)
+        _stop_on_output_error(results)
+        for (k, files), outcome in zip(round_, results):
+            settle(k, files, outcome)
+    merged = executor.map(merge_pieces, [(units[k], tuple(pieces[k]), tuple(killers[k]), source_root, work_dir,
+                                          options, verify) for k in killed_chunks], "merge pieces", progress)
+    _stop_on_output_error(merged)
+    outcomes = list(outcomes)
+    for k, outcome in zip(killed_chunks, merged):
+        outcomes[k] = outcome
+    return outcomes
 
 
 def _pack(

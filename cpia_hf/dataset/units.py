@@ -2,11 +2,13 @@
 
 A unit is one slide (WSI: one file, or the files of a multi-file slide, see `slidefiles`) or one chunk
 of ROI files of a sub-dataset. Each unit is converted on its own into
-`<work>/units/<subset>/<unit>.parquet` plus a `.json` record (fingerprint, row count, failures), both
-written atomically; a rerun skips units whose record matches and lists no failure (failed files are
-retried on every run, alone when the rest of their ROI chunk is unchanged; a changed file size or time
-changes the record), so a crash loses at most the units in flight and a cluster executor can hand
-units to different machines.
+`<work>/units/<subset>/<unit>.parquet` plus a `.json` record (fingerprint, row count, failures, the
+unit file's stamp), both written atomically; a rerun skips units whose record matches, lists no
+failure and whose unit file is intact (failed files are retried on every run, alone when the rest of
+their ROI chunk is unchanged; a changed source file size or time changes the record; a damaged unit
+file is converted again), so a crash loses at most the units in flight and a cluster executor can
+hand units to different machines. An ROI chunk whose worker dies is converted again in pieces
+(`piece_of`, `merge_pieces`) so that only the files that kill a worker fail.
 """
 from __future__ import annotations
 
@@ -251,24 +253,87 @@ def convert_unit(unit: Unit, source_root: Path, work_dir: Path, options: Convert
     checks the SHA-256 of a unit file reused even when its time is the recorded one."""
     parquet_path, record_path = unit_paths(work_dir, unit)
     fp = fingerprint(unit, source_root, options)
-    record = UnitRecord.read(record_path)
-    reusable = record is not None and record.matches(fp)
-    damage = record.file_damage(parquet_path, verify) if reusable else None
-    if reusable and damage is None and not record.failures:
-        _keep_stamp(record, parquet_path, record_path)
-        return UnitResult(unit.key, record.rows, list(record.failures), skipped=True,
-                          skipped_files=list(record.skipped))
+    cached, damage = _reusable(parquet_path, record_path, fp, verify)
+    if cached is not None and not cached.failures:
+        _keep_stamp(cached, parquet_path, record_path)
+        return UnitResult(unit.key, cached.rows, [], skipped=True, skipped_files=list(cached.skipped))
     with output_errors(parquet_path):  # a full disk stops the run before the unit's work, not after it
         require_free_space(parquet_path.parent, FREE_SPACE_MARGIN + ROW_GROUP_BYTES)
-    if reusable and damage is None and unit.entry.kind == "roi":  # an ROI chunk: only its failed files again
-        items = _merged_items(unit, record, parquet_path, source_root, options)
+    if cached is not None and unit.entry.kind == "roi":  # an ROI chunk: only its failed files again
+        items = _merged_items(unit, cached, parquet_path, source_root, options)
     else:
         items = _unit_items(unit, source_root, options)
+    return replace(_write_unit(unit, fp, items, source_root, work_dir, options), rebuilt=damage)
+
+
+def _reusable(parquet_path: Path, record_path: Path, fp: str, verify: bool) -> tuple[UnitRecord | None, str | None]:
+    """(the record, when its unit file can be reused: same inputs, this layout, intact; the damage of the unit file
+    when that is why it cannot)."""
+    record = UnitRecord.read(record_path)
+    if record is None or not record.matches(fp):
+        return None, None
+    damage = record.file_damage(parquet_path, verify)
+    return (None, damage) if damage else (record, None)
+
+
+def _write_unit(unit: Unit, fp: str, items: Iterator[Row | Failure], source_root: Path, work_dir: Path,
+                options: ConvertOptions) -> UnitResult:
+    """Write a unit file from its items, then its record (with the file's stamp)."""
+    parquet_path, record_path = unit_paths(work_dir, unit)
     rows = _Rows(items)
     count = _write_unit_parquet(parquet_path, iter(rows))
     skipped = _empty_slide(unit, source_root, options) if count == 0 and not rows.failures else []
     UnitRecord(fp, count, tuple(rows.failures), tuple(skipped), stamp=FileStamp.of(parquet_path)).write(record_path)
-    return UnitResult(unit.key, count, rows.failures, skipped_files=skipped, rebuilt=damage)
+    return UnitResult(unit.key, count, rows.failures, skipped_files=skipped)
+
+
+# --- an ROI chunk whose worker died: converted again in pieces, so that only the files that kill a worker fail ---
+
+
+def roi_files_to_convert(unit: Unit, source_root: Path, work_dir: Path, options: ConvertOptions,
+                         verify: bool = False) -> tuple[str, ...]:
+    """The files of an ROI chunk that `convert_unit` converts: its failed ones when its unit file is reused, else
+    all of them."""
+    parquet_path, record_path = unit_paths(work_dir, unit)
+    cached, _ = _reusable(parquet_path, record_path, fingerprint(unit, source_root, options), verify)
+    if cached is None:
+        return unit.files
+    failed = {f.file for f in cached.failures}
+    return tuple(f for f in unit.files if f in failed)
+
+
+def piece_of(unit: Unit, files: tuple[str, ...]) -> Unit:
+    """Some files of an ROI chunk as a unit of their own (converted with `convert_unit`, merged by `merge_pieces`),
+    named after the chunk and its files."""
+    digest = hashlib.sha256("\n".join(files).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return Unit(unit.entry, f"{unit.unit_id}-piece-{digest}", files)
+
+
+def merge_pieces(unit: Unit, pieces: tuple[Unit, ...], killed: tuple[Failure, ...], source_root: Path,
+                 work_dir: Path, options: ConvertOptions, verify: bool = False) -> UnitResult:
+    """Write an ROI chunk's unit file from its converted pieces, and from its cached rows of the files converted
+    before, in the chunk's file order (the bytes of a run in which the `killed` files failed); its record lists
+    the pieces' failures and the files that killed their worker. The pieces' files are then removed."""
+    parquet_path, record_path = unit_paths(work_dir, unit)
+    fp = fingerprint(unit, source_root, options)
+    cached, _ = _reusable(parquet_path, record_path, fp, verify)
+    redone = {file for piece in pieces for file in piece.files} | {f.file for f in killed}
+    rows, failures = [], list(killed)
+    if cached is not None:  # what the files not converted again gave before
+        rows = [r for r in pq.read_table(parquet_path).to_pylist() if r["source_file"] not in redone]
+        failures.extend(f for f in cached.failures if f.file not in redone)
+    for piece in pieces:
+        piece_path, piece_record = unit_paths(work_dir, piece)
+        rows.extend(pq.read_table(piece_path).to_pylist())
+        failures.extend(UnitRecord.read(piece_record).failures)
+    order = {file: k for k, file in enumerate(unit.files)}
+    failures.sort(key=lambda f: order.get(f.file, len(order)))
+    rows.sort(key=lambda row: order[row["source_file"]])
+    result = _write_unit(unit, fp, iter([*failures, *rows]), source_root, work_dir, options)
+    for piece in pieces:
+        for path in unit_paths(work_dir, piece):
+            path.unlink(missing_ok=True)
+    return result
 
 
 def _keep_stamp(record: UnitRecord, parquet_path: Path, record_path: Path) -> None:
