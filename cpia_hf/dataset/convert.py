@@ -145,6 +145,31 @@ def _convert_units(
         report.skipped.extend(f.of_subset(subset) for f in result.skipped_files)
 
 
+@dataclass
+class _KillerSearch:
+    """The search for the files of an ROI chunk that kill their worker: pieces converted, killers found, pieces
+    still to try."""
+
+    unit: Unit
+    pieces: list[Unit] = field(default_factory=list)
+    killers: list[Failure] = field(default_factory=list)
+    todo: list[tuple[str, ...]] = field(default_factory=list)
+
+    def settle(self, files: tuple[str, ...], outcome: Outcome) -> None:
+        """Take what converting `files` together gave: a piece, halves to try when several killed their worker,
+        or a failure of each."""
+        if outcome.ok:
+            self.pieces.append(piece_of(self.unit, files))
+        elif isinstance(outcome.error, WorkerKilled) and len(files) > 1:
+            self.todo.extend((files[: len(files) // 2], files[len(files) // 2 :]))
+        else:
+            self.killers.extend(Failure(file, outcome.reason()) for file in files)
+
+    def take(self) -> list[tuple[str, ...]]:
+        todo, self.todo = self.todo, []
+        return todo
+
+
 def _isolate_killers(
     executor: Executor, units: list[Unit], outcomes: list[Outcome], source_root: Path, work_dir: Path,
     options: ConvertOptions, verify: bool, progress: bool,
@@ -152,36 +177,24 @@ def _isolate_killers(
     """The outcomes, with those of the ROI chunks whose worker died replaced: such a chunk's files are converted
     again in halves, a half whose worker dies again in halves of its own, until each death is one file's; the
     chunk's unit file is then merged from its pieces, the files that killed a worker listed as its failures."""
-    killed_chunks = [k for k, (unit, outcome) in enumerate(zip(units, outcomes))
-                     if unit.entry.kind == "roi" and isinstance(outcome.error, WorkerKilled)]
-    if not killed_chunks:
+    searches = {k: _KillerSearch(unit) for k, (unit, outcome) in enumerate(zip(units, outcomes))
+                if unit.entry.kind == "roi" and isinstance(outcome.error, WorkerKilled)}
+    if not searches:
         return outcomes
-    pieces: dict[int, list[Unit]] = {k: [] for k in killed_chunks}
-    killers: dict[int, list[Failure]] = {k: [] for k in killed_chunks}
-    pending: list[tuple[int, tuple[str, ...]]] = []
-
-    def settle(k: int, files: tuple[str, ...], outcome: Outcome) -> None:
-        if outcome.ok:
-            pieces[k].append(piece_of(units[k], files))
-        elif isinstance(outcome.error, WorkerKilled) and len(files) > 1:
-            pending.extend((k, half) for half in (files[: len(files) // 2], files[len(files) // 2 :]))
-        else:
-            killers[k].extend(Failure(file, outcome.reason()) for file in files)
-
-    for k in killed_chunks:
-        settle(k, roi_files_to_convert(units[k], source_root, work_dir, options, verify), outcomes[k])
-    while pending:
-        round_, pending = pending, []
-        results = executor.map(convert_unit, [(piece_of(units[k], files), source_root, work_dir, options)
-                                              for k, files in round_], "isolate killer files", progress)
+    for k, search in searches.items():
+        search.settle(roi_files_to_convert(search.unit, source_root, work_dir, options, verify), outcomes[k])
+    while any(search.todo for search in searches.values()):
+        tries = [(search, files) for search in searches.values() for files in search.take()]
+        results = executor.map(convert_unit, [(piece_of(search.unit, files), source_root, work_dir, options)
+                                              for search, files in tries], "isolate killer files", progress)
         _stop_on_output_error(results)
-        for (k, files), outcome in zip(round_, results):
-            settle(k, files, outcome)
-    merged = executor.map(merge_pieces, [(units[k], tuple(pieces[k]), tuple(killers[k]), source_root, work_dir,
-                                          options, verify) for k in killed_chunks], "merge pieces", progress)
+        for (search, files), outcome in zip(tries, results):
+            search.settle(files, outcome)
+    merged = executor.map(merge_pieces, [(s.unit, tuple(s.pieces), tuple(s.killers), source_root, work_dir, options,
+                                          verify) for s in searches.values()], "merge pieces", progress)
     _stop_on_output_error(merged)
     outcomes = list(outcomes)
-    for k, outcome in zip(killed_chunks, merged):
+    for k, outcome in zip(searches, merged):
         outcomes[k] = outcome
     return outcomes
 
