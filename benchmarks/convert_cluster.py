@@ -29,11 +29,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the loopback cluster launcher of the tests
 
 from cpia_hf.dataset.catalog import load_catalog  # noqa: E402
-from cpia_hf.dataset.cluster import loopback_cluster  # noqa: E402
 from cpia_hf.dataset.convert import convert  # noqa: E402
 from cpia_hf.demo.synth import he_like_image, write_slide  # noqa: E402
+from loopback import loopback_cluster  # noqa: E402
 
 
 def generate(folder: Path, slides: int, width: int, height: int, mpp: float) -> Path:

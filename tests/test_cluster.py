@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from distributed import Client
 from interrupt import kill_after_first_unit
+from loopback import loopback_cluster
 
-from cpia_hf.dataset.cluster import ClusterError, loopback_cluster, resolve_scheduler, task_key
+from cpia_hf.dataset.cluster import ClusterError, resolve_scheduler, task_key
 from cpia_hf.dataset.units import convert_unit
 
 PRELOAD = Path(__file__).with_name("cluster_preload.py")
@@ -108,8 +109,28 @@ def test_poisoned_unit_is_named_and_the_rest_finishes(demo_build: Path, cluster:
     out = tmp_path / "dataset"
     result = run_convert(sources, out, cluster)
     assert result.returncode == 1
-    assert re.search(r"\[demo-breast-wsi\] demo-breast-wsi/poison-0001\.tiff: .*worker killed 2 times", result.stderr)
+    # the line the local pool gives a killed worker: the reason as words, never an exception's repr
+    assert re.search(r"^  \[demo-breast-wsi\] demo-breast-wsi/poison-0001\.tiff: worker killed 2 times running it "
+                     r"\(distributed\.scheduler\.allowed-failures = 1\): probably out of memory or a crashing "
+                     r"decoder; last worker tcp://127\.0\.0\.1:\d+$", result.stderr, re.M), result.stderr
     assert "FAILED: 1 file(s)" in result.stderr  # only the poisoned unit
+    built = {k: v for k, v in tree_digest(out).items() if k.startswith("data/")}
+    assert built == {k: v for k, v in tree_digest(demo_build / "dataset").items() if k.startswith("data/")}
+
+
+def test_a_file_that_kills_its_workers_costs_only_itself_in_an_roi_batch(demo_build: Path, cluster: str,
+                                                                          client: Client, tmp_path: Path) -> None:
+    sources = tmp_path / "sources"
+    shutil.copytree(demo_build / "sources", sources)
+    shutil.copy(sources / "demo-blood-roi" / "cell_02.jpg", sources / "demo-blood-roi" / "cell_02_poison.jpg")
+    out = tmp_path / "dataset"
+    result = run_convert(sources, out, cluster)
+    assert result.returncode == 1
+    failed = [line for line in result.stderr.splitlines() if line.startswith("  [")]
+    assert len(failed) == 1 and re.fullmatch(
+        r"  \[demo-blood-roi\] demo-blood-roi/cell_02_poison\.jpg: worker killed 2 times running it "
+        r"\(distributed\.scheduler\.allowed-failures = 1\): probably out of memory or a crashing decoder; "
+        r"last worker tcp://127\.0\.0\.1:\d+", failed[0]), result.stderr
     built = {k: v for k, v in tree_digest(out).items() if k.startswith("data/")}
     assert built == {k: v for k, v in tree_digest(demo_build / "dataset").items() if k.startswith("data/")}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def source_files(out: Path) -> set[str]:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_killed_worker_costs_only_its_unit(sources: Path, tmp_path: Path, monkeypatch, capsys, workers: str) -> None:
-    real = units._wsi_rows
+    real = units._wsi_items
     calls = tmp_path / "calls"
     calls.mkdir()
 
@@ -66,7 +67,7 @@ def test_killed_worker_costs_only_its_unit(sources: Path, tmp_path: Path, monkey
             os.kill(os.getpid(), 9)
         return real(unit, *args)
 
-    monkeypatch.setattr(units, "_wsi_rows", poisoned)
+    monkeypatch.setattr(units, "_wsi_items", poisoned)
     out = tmp_path / "out"
     assert convert_cli(sources, out, "--workers", workers) == 1
     err = capsys.readouterr().err
@@ -75,6 +76,63 @@ def test_killed_worker_costs_only_its_unit(sources: Path, tmp_path: Path, monkey
     assert source_files(out) == {"wsi/a.svs", "wsi/c.svs", "roi/ok_0.png", "roi/ok_1.png", "roi/ok_2.png"}
     assert (out / "README.md").exists()
     assert list(out.rglob(TEMP_GLOB)) == []  # the killed worker's unfinished unit file is gone
+
+
+def roi_batch(root: Path, names: list[str]) -> Path:
+    """One ROI chunk of the given PNG files, with its catalog."""
+    (root / "roi").mkdir(parents=True)
+    for k, name in enumerate(names):
+        Image.fromarray(he_like_image(120 + 10 * k, 100, seed=30 + k)).save(root / "roi" / name)
+    (root / "catalog.yaml").write_text(yaml.safe_dump({"version": 1, "entries": [
+        {"name": "r", "kind": "roi", "path": "roi", "pattern": "*.png", "scale": "M", **COMMON}]}))
+    return root
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_file_that_kills_its_worker_costs_only_itself(tmp_path: Path, monkeypatch, capsys, workers: str) -> None:
+    names = [f"ok_{k}.png" for k in range(9)]
+    names.insert(6, "ok_5_killer.png")  # in the middle of the chunk
+    sources = roi_batch(tmp_path / "sources", names)
+    real = units.convert_roi
+    converted = tmp_path / "converted"  # each conversion of a file leaves a mark (workers are processes)
+    converted.mkdir()
+
+    def killing(path, **kwargs):
+        if path.name == "ok_5_killer.png":
+            os.kill(os.getpid(), 9)
+        (converted / f"{path.name}-{os.getpid()}-{time.monotonic_ns()}").touch()
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(units, "convert_roi", killing)
+    out = tmp_path / "out"
+    assert convert_cli(sources, out, "--workers", workers) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2:] == ["FAILED: 1 file(s) could not be converted (the rest was):",
+                        "  [r] roi/ok_5_killer.png: worker killed, signal 9 (SIGKILL), probably out of memory"]
+    assert source_files(out) == {f"roi/{name}" for name in names if name != "ok_5_killer.png"}
+    clean = tmp_path / "clean"  # the same chunk without the killer
+    (tmp_path / "sources" / "roi" / "ok_5_killer.png").rename(tmp_path / "ok_5_killer.png")
+    monkeypatch.setattr(units, "convert_roi", real)
+    assert convert_cli(sources, clean) == 0
+    assert {k: v for k, v in tree_digest(out).items() if k.startswith("data/")} == \
+        {k: v for k, v in tree_digest(clean).items() if k.startswith("data/")}
+    assert sorted(p.name for p in (out / ".work" / "units" / "r").iterdir()) == ["roi-00000.json", "roi-00000.parquet"]
+    # a rerun converts only the killer again, and names it alone
+    (tmp_path / "ok_5_killer.png").rename(tmp_path / "sources" / "roi" / "ok_5_killer.png")
+    monkeypatch.setattr(units, "convert_roi", killing)
+    for mark in converted.iterdir():
+        mark.unlink()
+    capsys.readouterr()
+    assert convert_cli(sources, out, "--workers", workers) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        "  [r] roi/ok_5_killer.png: worker killed, signal 9 (SIGKILL), probably out of memory"
+    assert list(converted.iterdir()) == []
+    # once the file no longer kills, it converts and the output is a clean run's
+    monkeypatch.setattr(units, "convert_roi", real)
+    assert convert_cli(sources, out) == 0
+    whole = tmp_path / "whole"
+    assert convert_cli(sources, whole) == 0
+    assert tree_digest(out) == tree_digest(whole)
 
 
 def test_failed_file_is_retried_on_rerun(sources: Path, tmp_path: Path, monkeypatch, capsys) -> None:
@@ -236,6 +294,70 @@ def test_damaged_shard_is_named_and_rebuilt(sources: Path, tmp_path: Path, capsy
     assert tree_digest(out) == before
 
 
+def flip_image_byte(unit_file: Path) -> None:
+    """Flip one byte inside a stored JPEG of a unit file: the file still reads, one image is silently wrong."""
+    import pyarrow.parquet as pq
+
+    image = pq.read_table(unit_file, columns=["image"]).column("image")[0].as_py()["bytes"]
+    data = bytearray(unit_file.read_bytes())
+    offset = data.find(image[len(image) // 2 : len(image) // 2 + 64])
+    assert offset > 0
+    data[offset] ^= 0xFF
+    unit_file.write_bytes(bytes(data))
+
+
+def test_damaged_unit_file_is_rebuilt_and_never_reaches_a_shard(sources: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert convert_cli(sources, out, "--subsets", "r,w") == 0
+    before = tree_digest(out)
+    unit_file = out / ".work" / "units" / "w" / "a.parquet"
+    original = unit_file.read_bytes()
+    flip_image_byte(unit_file)
+    for shard in (out / "data" / "full").rglob("w-*.parquet"):  # every shard of the subset is packed again
+        shard.unlink()
+    capsys.readouterr()
+    assert convert_cli(sources, out, "--subsets", "r,w") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"rebuilt damaged unit file {unit_file}: content differs from the recorded SHA-256" in lines
+    assert "units: 4 (3 already done)" in lines
+    assert unit_file.read_bytes() == original
+    assert tree_digest(out) == before
+    # a truncated unit file: found by its size, whatever its time
+    stat = unit_file.stat()
+    unit_file.write_bytes(original[:-500])
+    os.utime(unit_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert convert_cli(sources, out, "--subsets", "r,w") == 0
+    expected = f"rebuilt damaged unit file {unit_file}: {len(original) - 500} bytes, {len(original)} recorded"
+    assert expected in capsys.readouterr().out.splitlines()
+    assert unit_file.read_bytes() == original and tree_digest(out) == before
+    # a flipped byte under the recorded time is found by --verify-shards
+    stat = unit_file.stat()
+    flip_image_byte(unit_file)
+    os.utime(unit_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert convert_cli(sources, out, "--subsets", "r,w", "--verify-shards") == 0
+    assert f"rebuilt damaged unit file {unit_file}: content differs" in capsys.readouterr().out
+    assert unit_file.read_bytes() == original
+
+
+def test_copied_output_reruns_rewriting_nothing(sources: Path, tmp_path: Path, capsys) -> None:
+    import subprocess
+
+    out = tmp_path / "out"
+    assert convert_cli(sources, out, "--subsets", "r,w") == 0
+    copy = tmp_path / "elsewhere" / "out"
+    copy.parent.mkdir()
+    subprocess.run(["cp", "-r", str(out), str(copy)], check=True)  # new times, another path
+    files = sorted(p for p in copy.rglob("*.parquet"))
+    assert any(".work" in p.parts for p in files) and any("data" in p.parts for p in files)
+    written = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+    capsys.readouterr()
+    assert convert_cli(sources, copy, "--subsets", "r,w") == 0
+    text = capsys.readouterr().out
+    assert "units: 4 (4 already done)" in text and "rebuilt" not in text
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(copy.rglob("*.parquet"))} == written
+    assert tree_digest(copy) == tree_digest(out)
+
+
 def test_what_gives_no_row_is_named(tmp_path: Path, capsys) -> None:
     import numpy as np
 
@@ -284,7 +406,7 @@ def test_full_disk_stops_before_converting(sources: Path, tmp_path: Path, monkey
     real_statvfs = os.statvfs
     calls = tmp_path / "calls"
     calls.mkdir()
-    real_rows = units._wsi_rows
+    real_rows = units._wsi_items
 
     def counted(unit, *args):
         (calls / unit.unit_id).touch()
@@ -293,7 +415,7 @@ def test_full_disk_stops_before_converting(sources: Path, tmp_path: Path, monkey
     class Full:
         f_bavail, f_frsize = 10, 4096
 
-    monkeypatch.setattr(units, "_wsi_rows", counted)
+    monkeypatch.setattr(units, "_wsi_items", counted)
     monkeypatch.setattr(os, "statvfs", lambda path: Full() if str(path).startswith(str(tmp_path)) else real_statvfs(path))
     out = tmp_path / "out"
     assert convert_cli(sources, out) == 2

@@ -33,9 +33,11 @@ def test_card_coverage_equals_rows_of_the_shards(demo_build: Path) -> None:
             n = counted[(subset, scale)]
             assert cells[scale] == (f"{n:,}" if n else "–"), (subset, scale)
         if cells["kind"] == "wsi":
-            assert cells["M/XL (release 92.7)"] == f"{counted[(subset, 'M')] / counted[(subset, 'XL')]:.2f}" \
-                if counted[(subset, "XL")] else "–"
-            assert cells["S/M (release 0.97)"] == f"{counted[(subset, 'S')] / counted[(subset, 'M')]:.2f}"
+            xl, m = counted[(subset, "XL")], counted[(subset, "M")]
+            assert cells["M/XL (release 92.7)"] == (f"{m / xl:.2f}" if xl else "–"), subset
+            assert cells["S/M (release 0.97)"] == f"{counted[(subset, 'S')] / m:.2f}", subset
+    # both branches are met: a subset with XL tiles and one (a biopsy smaller than a cell) without
+    assert {bool(counted[(e.name, "XL")]) for e in entries if e.kind == "wsi"} == {True, False}
 
 
 def test_coverage_against_released_counts_and_ranges(demo_build: Path) -> None:

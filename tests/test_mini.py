@@ -123,7 +123,8 @@ def test_mixed_mini_streams_a_fair_sample(tmp_path, capsys) -> None:
 
     groups = _per_subset_files(tmp_path / "subsets")
     mini = tmp_path / "data" / "mini"
-    rows = pack_mixed(groups, mini, tmp_path / "work", seed=0, key="k", shard_bytes=1_200_000)
+    rows, damage = pack_mixed(groups, mini, tmp_path / "work", seed=0, key="k", shard_bytes=1_200_000)
+    assert damage == []
     assert rows == sum(n for n, _ in MIX_SUBSETS.values())
     names = sorted(p.name for p in mini.glob("*.parquet"))
     assert len(names) >= 3 and {n.rsplit("-", 1)[1] for n in names} == {"clean.parquet", "benchmark.parquet"}

@@ -94,9 +94,16 @@ def test_rerun_skips_intact_shards_and_unplanned_ones_are_removed(units, tmp_pat
     stamp = shard.stat().st_mtime_ns
     assert write_planned_shard(first, tmp_path / "data", tmp_path / "records").repaired == []
     assert shard.stat().st_mtime_ns == stamp  # intact: not rewritten
-    # the same units with another fingerprint plan other keys: the shard is rewritten
+    # the same units with another fingerprint plan other keys: the shard is rewritten (a new file renamed over
+    # it, with the same bytes), and its record holds the new key
     changed = plan_shards(paths, ["other"] * len(paths), "s", shard_bytes=SHARD, group_bytes=GROUP)[0]
-    assert changed.key != first.key
+    assert changed.key != first.key and changed.name == first.name
+    before = shard.stat().st_ino, shard.read_bytes()
+    assert write_planned_shard(changed, tmp_path / "data", tmp_path / "records").rows == {first.folder: first.rows}
+    assert shard.stat().st_ino != before[0] and shard.read_bytes() == before[1]
+    record = tmp_path / "records" / first.folder / f"s-{first.index:05d}.json"
+    assert json.loads(record.read_text())["key"] == changed.key
+    write_planned_shard(first, tmp_path / "data", tmp_path / "records")  # back to the first plan's record
     # fewer units: fewer shards; the others and their records go
     fewer = plan_shards(paths[:1], ["fp"], "s", shard_bytes=SHARD, group_bytes=GROUP)
     remove_unplanned(tmp_path / "data", tmp_path / "records", fewer, "s")

@@ -43,7 +43,8 @@ def configure_convert(parser: argparse.ArgumentParser) -> None:
                         help="seed of every random choice: S crops, the mini selection and its shuffle, the card's "
                              "gallery (default: %(default)s)")
     parser.add_argument("--verify-shards", action="store_true",
-                        help="check the SHA-256 of every published shard (default: of those whose size or time changed)")
+                        help="check the SHA-256 of every published shard and reused unit file (default: of those "
+                             "whose time changed)")
     parser.add_argument("--no-progress", action="store_true", help="show no progress bars (default: shown)")
 
 

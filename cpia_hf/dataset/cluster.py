@@ -10,36 +10,30 @@ output is byte-identical to a local run. A task whose worker dies is rerun elsew
 scheduler; after `distributed.scheduler.allowed-failures` deaths it is failed (KilledWorker) and
 named in the summary while the rest finishes.
 
+`DaskExecutor` satisfies the `executor.Executor` protocol: a task's outcome is an `Outcome`, and a task
+given up after its workers died is a `WorkerKilled` worded like the local pool's. The lifetime of the
+worker processes is Dask's (each `dask worker` has a nanny that stops its worker with it).
+
 The cluster itself is started by Dask's own launchers (`dask scheduler` + `dask worker`,
-dask-jobqueue, dask-kubernetes): see docs/cluster.md. `loopback_cluster` starts a scheduler and
-workers as separate processes on 127.0.0.1 for the tests and the benchmark.
+dask-jobqueue, dask-kubernetes): see docs/cluster.md.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import socket
-import subprocess
 import sys
-import time
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
 from .. import __version__
+from .errors import ClusterError, WorkerKilled
+from .results import Outcome
 
 logger = logging.getLogger(__name__)
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
-
-
-class ClusterError(Exception):
-    """The cluster cannot be used (unreachable scheduler, workers with another cpia-hf version)."""
-
-
-class WorkerKilled(Exception):
-    """A task whose workers died every time it ran (out of memory, a crashing decoder)."""
+T = TypeVar("T")
+__all__ = ["ClusterError", "DaskExecutor", "resolve_scheduler", "task_key"]
 
 
 def resolve_scheduler(scheduler: str) -> str:
@@ -59,27 +53,27 @@ def task_key(fn: Callable, args: tuple, desc: str) -> str:
     return f"cpia-{desc.replace(' ', '-')}-{tokenize(fn.__module__, fn.__qualname__, args)}"
 
 
-def _run(fn: Callable, args: tuple):
+def _run(fn: Callable[..., T], args: tuple) -> Outcome[T]:
     """Runs on a worker: a Python error is returned (and logged there), as the local executor does."""
     try:
-        return fn(*args)
+        return Outcome(fn(*args))
     except Exception as error:
         logger.exception("%s failed", fn.__name__)
-        return error
+        return Outcome(error=error)
 
 
 def _worker_version() -> str:
     return __version__
 
 
-def _rows(result) -> int:
+def _rows(outcome: Outcome) -> int:
     """Rows of a task's output: a unit's row count (done now or before), or a packing's rows over its folders."""
-    rows = result if isinstance(result, dict) else getattr(result, "rows", 0)  # UnitResult or PackResult
+    rows = getattr(outcome.value, "rows", 0)  # UnitResult or PackResult; 0 for a plan or a failed task
     return sum(rows.values()) if isinstance(rows, dict) else rows
 
 
 class DaskExecutor:
-    """Runs jobs as tasks of a Dask cluster; same interface as the local executor of `convert`."""
+    """The Executor of a Dask cluster: jobs run as its tasks (see the module docstring)."""
 
     def __init__(self, scheduler: str):
         self.address = resolve_scheduler(scheduler)
@@ -112,12 +106,12 @@ class DaskExecutor:
             self.client.close()
             self.client = None
 
-    def map(self, fn: Callable, arg_tuples: list[tuple], desc: str, progress: bool) -> list:
-        """`fn(*args)` for every tuple on the cluster, in order; a failed task gives its exception."""
+    def map(self, fn: Callable[..., T], jobs: Sequence[tuple], desc: str, progress: bool) -> list[Outcome[T]]:
+        """`fn(*args)` for every tuple on the cluster, in order."""
         from distributed import as_completed
 
-        keys = [task_key(fn, args, desc) for args in arg_tuples]
-        futures = self.client.map(_run, [fn] * len(arg_tuples), arg_tuples, key=keys, pure=True)
+        keys = [task_key(fn, args, desc) for args in jobs]
+        futures = self.client.map(_run, [fn] * len(jobs), jobs, key=keys, pure=True)
         index = {future.key: k for k, future in enumerate(futures)}
         results: list = [None] * len(futures)
         failed = rows = 0
@@ -125,8 +119,8 @@ class DaskExecutor:
         for future in as_completed(futures, loop=self.client.loop):
             result = _outcome(future)
             results[index[future.key]] = result
-            failed += isinstance(result, BaseException)
-            rows += 0 if isinstance(result, BaseException) else _rows(result)
+            failed += not result.ok
+            rows += _rows(result)
             bar.set_postfix(failed=failed, rows=rows, refresh=False)
             bar.update()
             future.release()
@@ -134,8 +128,8 @@ class DaskExecutor:
         return results
 
 
-def _outcome(future):
-    """A finished future's result, or its error (KilledWorker explained).
+def _outcome(future) -> Outcome:
+    """A finished future's outcome, or its error (KilledWorker explained).
 
     `result()` also waits for a task that the scheduler recomputes because the worker holding its
     result died after it finished.
@@ -146,57 +140,8 @@ def _outcome(future):
         return future.result()
     except KilledWorker as error:
         last = getattr(error.last_worker, "address", error.last_worker)
-        return WorkerKilled(f"worker killed {error.allowed_failures + 1} times running it "
-                            f"(distributed.scheduler.allowed-failures = {error.allowed_failures}): probably out of "
-                            f"memory or a crashing decoder; last worker {last}")
+        return Outcome(error=WorkerKilled(
+            f"worker killed {error.allowed_failures + 1} times running it (distributed.scheduler.allowed-failures = "
+            f"{error.allowed_failures}): probably out of memory or a crashing decoder; last worker {last}"))
     except Exception as error:  # e.g. a result that cannot be unpickled here
-        return error
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def loopback_cluster(workers: int, *, threads: int = 1, env: dict[str, str] | None = None,
-                     worker_args: tuple[str, ...] = (), log_dir: Path | None = None,
-                     timeout: float = 60) -> Iterator[str]:
-    """A `dask scheduler` and `workers` x `dask worker --nworkers 1` processes on 127.0.0.1 (random free
-    ports); yields the scheduler address and stops every process on exit (SIGTERM, then SIGKILL)."""
-    from distributed import Client
-
-    dask_cli = [str(Path(sys.executable).with_name("dask"))]
-    if not Path(dask_cli[0]).exists():
-        dask_cli = [sys.executable, "-m", "dask"]
-    env = {**os.environ, **(env or {})}
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    processes: list[subprocess.Popen] = []
-
-    def start(args: list[str], name: str) -> None:
-        log = open(log_dir / f"{name}.log", "wb") if log_dir else subprocess.DEVNULL
-        processes.append(subprocess.Popen(dask_cli + args, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-
-    try:
-        start(["scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"], "scheduler")
-        for k in range(workers):
-            start(["worker", address, "--host", "127.0.0.1", "--nworkers", "1", "--nthreads", str(threads),
-                   "--dashboard-address", ":0", "--name", f"w{k}", *worker_args], f"worker{k}")
-        with Client(address, timeout=timeout, set_as_default=False) as client:
-            client.wait_for_workers(workers, timeout=timeout)
-        yield address
-    finally:
-        for process in reversed(processes):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, 15)
-        deadline = time.monotonic() + 10
-        for process in processes:
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, 9)
-                process.wait()
+        return Outcome(error=error)

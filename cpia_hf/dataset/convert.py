@@ -10,42 +10,34 @@ from typing import Iterable
 from ..atomic import OutputError, write_atomic
 from .catalog import CatalogEntry, subset_slug
 from .coverage import Coverage, count_rows, coverage, coverage_markdown
-from .executor import LocalExecutor as _Executor  # the local executor; cluster runs use another with its interface
-from .executor import WorkerKilled
+from .executor import Executor, LocalExecutor
 from .mini import (
     DEFAULT_MINI_FRACTION,
+    MINI_SUBSETS,
+    MiniJob,
     mini_cells,
     mix_group_of,
+    pack_mini_subset,
     pack_mixed,
-    read_tile_index,
-    roi_transform,
-    select_wsi_tiles,
-    wsi_transform,
 )
 from .outlock import output_lock
-from .shards import (
-    SHARD_BYTES,
-    PackResult,
-    ShardPlan,
-    pack_key,
-    pack_subset,
-    plan_shards,
-    remove_unplanned,
-    write_planned_shard,
-)
+from .results import Failure, Outcome, Skipped, StepFailure
+from .shards import SHARD_BYTES, PackResult, ShardPlan, pack_key, plan_shards, remove_unplanned, write_planned_shard
+from .errors import WorkerKilled
 from .units import (
     UNIT_LAYOUT,
     ConvertOptions,
     Unit,
-    UnitResult,
+    UnitRecord,
     convert_unit,
     discover_units,
-    read_record,
+    merge_pieces,
+    piece_of,
+    roi_files_to_convert,
     unit_paths,
 )
 
 CONFIGS = ("full", "mini")
-MINI_SUBSETS = "mini-subsets"  # per-subset mini shards under .work, mixed into data/mini
 MISSING_LIST = ".work/missing-sources.txt"  # source folders not found by the last run, one a line
 logger = logging.getLogger(__name__)
 
@@ -55,16 +47,18 @@ class ConvertReport:
     units: int = 0
     skipped_units: int = 0
     rows: dict[str, dict[str, int]] = field(default_factory=dict)  # config -> folder -> rows
-    failures: list[dict] = field(default_factory=list)  # subset, file, reason
+    failures: list[Failure] = field(default_factory=list)  # source files, with their subset
+    step_failures: list[StepFailure] = field(default_factory=list)  # steps that failed as a whole
     missing: list[str] = field(default_factory=list)  # source folders not found
-    skipped: list[dict] = field(default_factory=list)  # subset, file, reason: files that gave no row, no error
+    skipped: list[Skipped] = field(default_factory=list)  # files that gave no row without an error, with their subset
     repaired: list[str] = field(default_factory=list)  # damaged published shards rebuilt, with the damage
+    rebuilt_units: list[str] = field(default_factory=list)  # damaged unit files converted again, with the damage
     coverage: list[Coverage] = field(default_factory=list)  # built vs released, per subset (full only)
     empty: bool = False  # a packing run that built no row at all
 
     @property
     def ok(self) -> bool:
-        return not self.failures and not self.empty
+        return not self.failures and not self.step_failures and not self.empty
 
 
 def convert(
@@ -87,7 +81,7 @@ def convert(
     the packing as tasks of that Dask cluster instead of `workers` local processes (see cluster.py);
     `source_root` and `out_dir` must then be paths every worker sees. A run holds the folder's lock
     (`OutputLocked` when another run has it). `verify_shards` checks the SHA-256 of every published
-    shard, not only of those whose size or time changed.
+    shard and every unit file it reuses, not only of those whose time changed.
     """
     configs = tuple(configs)
     unknown = set(configs) - set(CONFIGS)
@@ -98,7 +92,7 @@ def convert(
         report = ConvertReport()
         units = _discover(entries, source_root, out_dir, report)
         with _executor(workers, scheduler) as executor:
-            _convert_units(executor, units, source_root, out_dir / ".work", options, progress, report)
+            _convert_units(executor, units, source_root, out_dir / ".work", options, verify_shards, progress, report)
             _pack(executor, entries, units, out_dir, configs, options, mini_fraction, verify_shards, progress, report)
         report.empty = not any(n for rows in report.rows.values() for n in rows.values())
         if report.empty:  # nothing to publish: no card that declares no config
@@ -116,12 +110,12 @@ def _discover(entries: list[CatalogEntry], source_root: Path, out_dir: Path, rep
     """The units of all entries; missing source folders and non-files go into the report."""
     units: list[Unit] = []
     for entry in entries:
-        skipped: list[dict] = []
+        skipped: list[Skipped] = []
         try:
             units.extend(discover_units(entry, source_root, skipped=skipped))
         except FileNotFoundError as error:
             report.missing.append(str(error))
-        report.skipped.extend({"subset": entry.name, **s} for s in skipped)
+        report.skipped.extend(s.of_subset(entry.name) for s in skipped)
     if report.missing:
         write_atomic(out_dir / MISSING_LIST, ("\n".join(report.missing) + "\n").encode())
     else:
@@ -131,21 +125,82 @@ def _discover(entries: list[CatalogEntry], source_root: Path, out_dir: Path, rep
 
 
 def _convert_units(
-    executor, units: list[Unit], source_root: Path, work_dir: Path, options: ConvertOptions, progress: bool,
-    report: ConvertReport,
+    executor: Executor, units: list[Unit], source_root: Path, work_dir: Path, options: ConvertOptions, verify: bool,
+    progress: bool, report: ConvertReport,
 ) -> None:
-    results = executor.map(convert_unit, [(u, source_root, work_dir, options) for u in units], "convert units", progress)
-    _stop_on_output_error(results)
-    for unit, result in zip(units, results):
-        if isinstance(result, BaseException):
-            result = UnitResult(unit.key, 0, [{"file": _unit_name(unit), "reason": _reason(result)}])
+    outcomes = executor.map(convert_unit, [(u, source_root, work_dir, options, verify) for u in units],
+                            "convert units", progress)
+    _stop_on_output_error(outcomes)
+    outcomes = _isolate_killers(executor, units, outcomes, source_root, work_dir, options, verify, progress)
+    for unit, outcome in zip(units, outcomes):
+        subset = unit.entry.name
+        if not outcome.ok:
+            report.failures.append(Failure(_unit_name(unit), outcome.reason(), subset))
+            continue
+        result = outcome.value
         report.skipped_units += result.skipped
-        report.failures.extend({"subset": unit.entry.name, **f} for f in result.failures)
-        report.skipped.extend({"subset": unit.entry.name, **f} for f in result.skipped_files)
+        if result.rebuilt:
+            report.rebuilt_units.append(result.rebuilt)
+        report.failures.extend(f.of_subset(subset) for f in result.failures)
+        report.skipped.extend(f.of_subset(subset) for f in result.skipped_files)
+
+
+@dataclass
+class _KillerSearch:
+    """The search for the files of an ROI chunk that kill their worker: pieces converted, killers found, pieces
+    still to try."""
+
+    unit: Unit
+    pieces: list[Unit] = field(default_factory=list)
+    killers: list[Failure] = field(default_factory=list)
+    todo: list[tuple[str, ...]] = field(default_factory=list)
+
+    def settle(self, files: tuple[str, ...], outcome: Outcome) -> None:
+        """Take what converting `files` together gave: a piece, halves to try when several killed their worker,
+        or a failure of each."""
+        if outcome.ok:
+            self.pieces.append(piece_of(self.unit, files))
+        elif isinstance(outcome.error, WorkerKilled) and len(files) > 1:
+            self.todo.extend((files[: len(files) // 2], files[len(files) // 2 :]))
+        else:
+            self.killers.extend(Failure(file, outcome.reason()) for file in files)
+
+    def take(self) -> list[tuple[str, ...]]:
+        todo, self.todo = self.todo, []
+        return todo
+
+
+def _isolate_killers(
+    executor: Executor, units: list[Unit], outcomes: list[Outcome], source_root: Path, work_dir: Path,
+    options: ConvertOptions, verify: bool, progress: bool,
+) -> list[Outcome]:
+    """The outcomes, with those of the ROI chunks whose worker died replaced: such a chunk's files are converted
+    again in halves, a half whose worker dies again in halves of its own, until each death is one file's; the
+    chunk's unit file is then merged from its pieces, the files that killed a worker listed as its failures."""
+    searches = {k: _KillerSearch(unit) for k, (unit, outcome) in enumerate(zip(units, outcomes))
+                if unit.entry.kind == "roi" and isinstance(outcome.error, WorkerKilled)}
+    if not searches:
+        return outcomes
+    for k, search in searches.items():
+        search.settle(roi_files_to_convert(search.unit, source_root, work_dir, options, verify), outcomes[k])
+    while any(search.todo for search in searches.values()):
+        tries = [(search, files) for search in searches.values() for files in search.take()]
+        results = executor.map(convert_unit, [(piece_of(search.unit, files), source_root, work_dir, options)
+                                              for search, files in tries], "isolate killer files", progress)
+        _stop_on_output_error(results)
+        for (search, files), outcome in zip(tries, results):
+            search.settle(files, outcome)
+    merged = executor.map(merge_pieces, [(s.unit, tuple(s.pieces), tuple(s.killers), source_root, work_dir, options,
+                                          verify) for s in searches.values()], "merge pieces", progress)
+    _stop_on_output_error(merged)
+    outcomes = list(outcomes)
+    for k, outcome in zip(searches, merged):
+        outcomes[k] = outcome
+    return outcomes
 
 
 def _pack(
-    executor, entries: list[CatalogEntry], units: list[Unit], out_dir: Path, configs: tuple[str, ...],
+    executor: Executor, entries: list[CatalogEntry], units: list[Unit], out_dir: Path, configs: tuple[str, ...],
     options: ConvertOptions, mini_fraction: float, verify: bool, progress: bool, report: ConvertReport,
 ) -> None:
     """Pack the converted units of every entry into the shards of each config."""
@@ -156,40 +211,44 @@ def _pack(
                                          verify, progress, report)
     if "mini" in configs:
         quota = mini_cells(entries, {name: files for name, (files, _) in done.items()}, mini_fraction)
-        jobs = [
-            (files, work_dir / MINI_SUBSETS, e, work_dir, pack_key(key, quota.get(e.name)), quota.get(e.name),
-             options, verify)
-            for e, (files, key) in _mini_keys(entries, done)
-        ]
-        report.rows["mini"] = _sum_rows(executor.map(_pack_mini_job, jobs, "pack mini", progress), report)
+        jobs = [_mini_job(e, *done[e.name], quota.get(e.name), options, work_dir, verify) for e in entries]
+        report.rows["mini"] = _sum_rows(executor.map(pack_mini_subset, [(job,) for job in jobs], "pack mini", progress),
+                                        report)
         _mix_mini(entries, out_dir, work_dir, jobs, options.seed, verify, report)
 
 
-def _pack_full(executor, entries: list[CatalogEntry], done: dict, config_dir: Path, record_dir: Path, verify: bool,
-               progress: bool, report: ConvertReport) -> dict[str, int]:
+def _pack_full(executor: Executor, entries: list[CatalogEntry], done: dict[str, tuple[list[Path], list[UnitRecord]]],
+               config_dir: Path, record_dir: Path, verify: bool, progress: bool,
+               report: ConvertReport) -> dict[str, int]:
     """Plan every subset's shards (a job per subset, reading only the unit files' image sizes), write each shard as
     a job of its own, then remove the shards no longer planned."""
     slugs = [subset_slug(e.name) for e in entries]
-    plan_jobs = [(files, [r["fingerprint"] for r in records], slug)
+    plan_jobs = [(files, [r.fingerprint for r in records], slug)
                  for (files, records), slug in zip((done[e.name] for e in entries), slugs)]
     planned = executor.map(plan_shards, plan_jobs, "plan full", progress)
     _stop_on_output_error(planned)
-    for entry, result in zip(entries, planned):
-        if isinstance(result, BaseException):
-            report.failures.append({"subset": entry.name, "file": "", "reason": f"planning shards failed: {_reason(result)}"})
-    plans: list[ShardPlan] = [p for result in planned if not isinstance(result, BaseException) for p in result]
+    for entry, outcome in zip(entries, planned):
+        if not outcome.ok:
+            report.step_failures.append(StepFailure(f"[{entry.name}] planning shards", outcome.reason()))
+    plans: list[ShardPlan] = [plan for outcome in planned if outcome.ok for plan in outcome.value]
     rows = _sum_rows(executor.map(write_planned_shard, [(p, config_dir, record_dir, verify) for p in plans],
                                   "pack full", progress), report)
-    for slug, result in zip(slugs, planned):
-        if not isinstance(result, BaseException):
-            remove_unplanned(config_dir, record_dir, result, slug)
+    for slug, outcome in zip(slugs, planned):
+        if outcome.ok:
+            remove_unplanned(config_dir, record_dir, outcome.value, slug)
     return rows
 
 
-def _executor(workers: int, scheduler: str | None):
-    """The local executor, or the Dask one when a scheduler is named (same `map` interface)."""
+def _mini_job(entry: CatalogEntry, files: list[Path], records: list[UnitRecord], cells: int | None,
+              options: ConvertOptions, work_dir: Path, verify: bool) -> MiniJob:
+    key = pack_key(pack_key("mini", [r.content() for r in records]), cells)
+    return MiniJob(entry, tuple(files), key, cells, options, work_dir, verify)
+
+
+def _executor(workers: int, scheduler: str | None) -> Executor:
+    """The local executor, or the Dask one when a scheduler is named."""
     if scheduler is None:
-        return _Executor(workers)
+        return LocalExecutor(workers)
     from .cluster import DaskExecutor
 
     return DaskExecutor(scheduler)
@@ -202,58 +261,27 @@ def _unit_name(unit: Unit) -> str:
     return f"{unit.files[0]} .. {unit.files[-1]} ({len(unit.files)} files)"
 
 
-def _reason(error: BaseException) -> str:
-    return str(error) if isinstance(error, WorkerKilled) else repr(error)
-
-
-def _unit_files(work_dir: Path, units: list[Unit]) -> tuple[list[Path], list[dict]]:
+def _unit_files(work_dir: Path, units: list[Unit]) -> tuple[list[Path], list[UnitRecord]]:
     """Existing unit parquet files sorted by unit id, with their records (what the packs depend on)."""
     files, records = [], []
     for unit in sorted(units, key=lambda u: u.unit_id):
         parquet_path, record_path = unit_paths(work_dir, unit)
-        record = read_record(record_path)
-        if record and record.get("layout") == UNIT_LAYOUT and parquet_path.exists():  # not an older version's file
+        record = UnitRecord.read(record_path)
+        if record is not None and record.layout == UNIT_LAYOUT and parquet_path.exists():  # not an older version's
             files.append(parquet_path)
             records.append(record)
     return files, records
 
 
-def _mini_keys(entries: list[CatalogEntry], done: dict):
-    for entry in entries:
-        files, records = done[entry.name]
-        yield entry, (files, pack_key("mini", records))
-
-
-def _pack_mini_job(
-    files: list[Path],
-    mini_subsets_dir: Path,
-    entry: CatalogEntry,
-    work_dir: Path,
-    key: str,
-    mini_cell_count: int | None,
-    options: ConvertOptions,
-    verify: bool = False,
-) -> PackResult:
-    """One subset's mini shards (its selected cells or train ROIs, resized) under .work/mini-subsets, mixed across
-    subsets afterwards; top-level so that it can run in a worker process."""
-    if entry.kind == "wsi":
-        selected = select_wsi_tiles(read_tile_index(files), entry.name, mini_cell_count or 0, options.seed)
-        transform = wsi_transform(selected, options.jpeg_quality)
-    else:
-        transform = roi_transform(entry, options.jpeg_quality)
-    slug = subset_slug(entry.name)
-    return pack_subset(files, mini_subsets_dir, slug, work_dir / "pack" / MINI_SUBSETS, key, transform, verify)
-
-
-def _stop_on_output_error(results: list) -> None:
+def _stop_on_output_error(outcomes: list[Outcome]) -> None:
     """An output that cannot be written (disk full, read-only folder) stops the run: raise the first one."""
-    error = next((r for r in results if isinstance(r, OutputError)), None)
+    error = next((o.error for o in outcomes if isinstance(o.error, OutputError)), None)
     if error is not None:
         raise error
 
 
-def _mix_mini(entries: list[CatalogEntry], out_dir: Path, work_dir: Path, jobs: list, seed: int, verify: bool,
-              report: ConvertReport) -> None:
+def _mix_mini(entries: list[CatalogEntry], out_dir: Path, work_dir: Path, jobs: list[MiniJob], seed: int,
+              verify: bool, report: ConvertReport) -> None:
     """Mix the per-subset mini shards into data/mini (see cpia_hf.dataset.mini.pack_mixed)."""
     groups: dict[str, list[Path]] = {}
     for entry in entries:
@@ -261,26 +289,27 @@ def _mix_mini(entries: list[CatalogEntry], out_dir: Path, work_dir: Path, jobs: 
         groups.setdefault(mix_group_of(entry), []).extend(files)
     if not any(groups.values()):  # nothing to mix (an empty build is reported as such)
         return
-    key = pack_key("mini-mixed", seed, [job[4] for job in jobs], {g: [p.name for p in f] for g, f in groups.items()})
+    key = pack_key("mini-mixed", seed, [job.key for job in jobs], {g: [p.name for p in f] for g, f in groups.items()})
     try:
-        pack_mixed(groups, out_dir / "data" / "mini", work_dir, seed, key, SHARD_BYTES, verify=verify,
-                   damaged=report.repaired)
+        _, damage = pack_mixed(groups, out_dir / "data" / "mini", work_dir, seed, key, SHARD_BYTES, verify=verify)
+        report.repaired.extend(damage)
     except OutputError:  # disk full, read-only output: the run stops with one line
         raise
     except OSError as error:  # the mix reads and writes only this run's outputs
         raise OutputError.of(out_dir / "data" / "mini", error) from error
     except Exception as error:  # reported like any packing failure; the per-subset shards stay for a rerun
         logger.exception("mixing mini failed")
-        report.failures.append({"subset": "", "file": "", "reason": f"mixing mini failed: {error!r}"})
+        report.step_failures.append(StepFailure("mixing mini", repr(error)))
 
 
-def _sum_rows(results: list, report: ConvertReport) -> dict[str, int]:
-    _stop_on_output_error(results)
+def _sum_rows(outcomes: list[Outcome[PackResult]], report: ConvertReport) -> dict[str, int]:
+    _stop_on_output_error(outcomes)
     total: dict[str, int] = {}
-    for result in results:
-        if isinstance(result, BaseException):
-            report.failures.append({"subset": "", "file": "", "reason": f"packing failed: {_reason(result)}"})
+    for outcome in outcomes:
+        if not outcome.ok:
+            report.step_failures.append(StepFailure("packing", outcome.reason()))
             continue
+        result = outcome.value
         report.repaired.extend(result.repaired)
         for folder, n in result.rows.items():
             total[folder] = total.get(folder, 0) + n
@@ -305,7 +334,9 @@ def print_report(report: ConvertReport, out_dir: Path, verbose: bool = False) ->
     print(f"units: {report.units} ({report.skipped_units} already done)")
     _print_missing(report.missing, out_dir, verbose)
     for skipped in report.skipped:
-        print(f"skipped: [{skipped['subset']}] {skipped['file']}: {skipped['reason']}")
+        print(f"skipped: {skipped.line()}")
+    for damage in report.rebuilt_units:
+        print(f"rebuilt damaged unit file {damage}")
     for damage in report.repaired:
         print(f"rebuilt damaged shard {damage}")
     if report.coverage:
@@ -314,7 +345,10 @@ def print_report(report: ConvertReport, out_dir: Path, verbose: bool = False) ->
     if report.failures:
         print(f"FAILED: {len(report.failures)} file(s) could not be converted (the rest was):", file=sys.stderr)
         for failure in report.failures:
-            print(f"  [{failure['subset']}] {failure['file']}: {failure['reason']}", file=sys.stderr)
+            print(f"  {failure.line()}", file=sys.stderr)
+    for step in report.step_failures:
+        print(f"FAILED: {step.line()}", file=sys.stderr)
+    if report.failures or report.step_failures:
         return 1
     if report.empty:
         print(f"error: no rows were built from the sources (see above); no dataset card written to {out_dir}",

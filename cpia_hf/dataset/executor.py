@@ -1,15 +1,16 @@
-"""Local execution of conversion jobs in worker processes, so that a job that kills its worker costs only itself.
+"""Execution of conversion jobs: the `Executor` protocol, and the local pool of worker processes that satisfies it.
 
-Every job runs in a child process, also with one worker: a slide whose decoder segfaults or whose
-memory gets the process killed by the kernel must not take the run down. Jobs go to a
+An executor runs `fn(*args)` for every job and hands back one `Outcome` per job, in order: the job's
+value, or the error that ended it (raised by the job, or `WorkerKilled` when its worker process died
+each time it ran). It never raises for a job; the caller decides what a failed job costs. Two
+executors satisfy it: `LocalExecutor` here (`--workers N`) and `cluster.DaskExecutor` (`--scheduler`).
+
+Locally every job runs in a child process, also with one worker: a slide whose decoder segfaults or
+whose memory gets the process killed by the kernel must not take the run down. Jobs go to a
 `ProcessPoolExecutor` with at most `workers` of them in flight; when a worker dies the pool breaks
 (`BrokenProcessPool`) and every job in flight is a suspect. The pool is rebuilt for the remaining
 jobs, and each suspect is retried once, alone in its own process: a suspect that completes there was
-a bystander, one that dies again is the culprit and its result is a `WorkerKilled` naming the signal.
-
-`LocalExecutor.map(fn, arg_tuples, desc, progress)` returns one entry per job, in order: the job's
-return value, or the exception it raised (it never raises itself). A cluster executor with the same
-interface can take its place.
+a bystander, one that dies again is the culprit and its outcome is a `WorkerKilled` naming the signal.
 """
 from __future__ import annotations
 
@@ -21,17 +22,31 @@ import sys
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable
+from typing import Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
 from tqdm.auto import tqdm
 
 from ..atomic import OutputError
+from .errors import WorkerKilled
+from .results import Outcome
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+Initializer = Callable[[], None]
 
 
-class WorkerKilled(Exception):
-    """A job whose worker process died, also when retried alone; str() says how it died."""
+@runtime_checkable
+class Executor(Protocol):
+    """Runs jobs and hands back one Outcome per job, in order (see the module docstring); a context manager
+    that holds its workers (processes, or a cluster connection) for the block."""
+
+    def __enter__(self) -> "Executor": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def map(self, fn: Callable[..., T], jobs: Sequence[tuple], desc: str, progress: bool) -> list[Outcome[T]]:
+        """`fn(*args)` for each tuple of `jobs`, with a progress bar named `desc` when `progress`."""
+        ...
 
 
 def death_reason(exitcode: int | None) -> str:
@@ -49,10 +64,15 @@ def death_reason(exitcode: int | None) -> str:
 
 
 class LocalExecutor:
-    """Runs jobs in `workers` child processes with a progress bar; see the module docstring."""
+    """The Executor of `workers` local child processes; see the module docstring.
 
-    def __init__(self, workers: int):
+    `initializer` runs first in every worker process (the pool's and a suspect's own): the one place where
+    a worker's lifetime is set up, e.g. that it dies with its parent.
+    """
+
+    def __init__(self, workers: int, initializer: Initializer | None = None):
         self.workers = max(1, workers)
+        self.initializer = initializer
 
     def __enter__(self) -> "LocalExecutor":
         return self
@@ -60,23 +80,23 @@ class LocalExecutor:
     def __exit__(self, *exc) -> None:
         return None
 
-    def map(self, fn: Callable, arg_tuples: list[tuple], desc: str, progress: bool) -> list:
-        bar = tqdm(total=len(arg_tuples), desc=desc, unit="unit", disable=not progress, file=sys.stderr)
-        results: list = [None] * len(arg_tuples)
-        suspects = self._run_pool(fn, arg_tuples, results, bar)
+    def map(self, fn: Callable[..., T], jobs: Sequence[tuple], desc: str, progress: bool) -> list[Outcome[T]]:
+        bar = tqdm(total=len(jobs), desc=desc, unit="unit", disable=not progress, file=sys.stderr)
+        results: list = [None] * len(jobs)
+        suspects = self._run_pool(fn, jobs, results, bar)
         for index in suspects:
             logger.warning("a worker died; retrying %s job %d alone", desc, index)
-            results[index] = run_alone(fn, arg_tuples[index])
+            results[index] = run_alone(fn, jobs[index], self.initializer)
             bar.update()
         bar.close()
         return results
 
-    def _run_pool(self, fn: Callable, jobs: list[tuple], results: list, bar) -> list[int]:
+    def _run_pool(self, fn: Callable, jobs: Sequence[tuple], results: list, bar) -> list[int]:
         """Run all jobs; returns the indexes of those in flight when a worker died (not yet done)."""
         todo = deque(range(len(jobs)))
         suspects: list[int] = []
         while todo:
-            with ProcessPoolExecutor(max_workers=self.workers) as pool:
+            with ProcessPoolExecutor(max_workers=self.workers, initializer=self.initializer) as pool:
                 running: dict[Future, int] = {}
                 broken = False
                 while (todo or running) and not broken:
@@ -93,7 +113,8 @@ class LocalExecutor:
         return suspects
 
 
-def _fill(pool: ProcessPoolExecutor, fn: Callable, jobs: list[tuple], todo: deque, running: dict, limit: int) -> bool:
+def _fill(pool: ProcessPoolExecutor, fn: Callable, jobs: Sequence[tuple], todo: deque, running: dict,
+          limit: int) -> bool:
     """Submit jobs until `limit` are in flight; False when the pool turned out broken (the job stays to do)."""
     while todo and len(running) < limit:
         index = todo.popleft()
@@ -116,11 +137,11 @@ def _collect(future: Future, index: int, results: list, suspects: list[int], bar
     return False
 
 
-def run_alone(fn: Callable, args: tuple):
-    """Run one job in a fresh child process; its result, its exception, or WorkerKilled when the child dies."""
+def run_alone(fn: Callable[..., T], args: tuple, initializer: Initializer | None = None) -> Outcome[T]:
+    """Run one job in a fresh child process: its outcome, WorkerKilled when the child dies."""
     context = multiprocessing.get_context()
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(sender, fn, args), daemon=True)
+    process = context.Process(target=_child, args=(sender, fn, args, initializer), daemon=True)
     process.start()
     sender.close()
     try:
@@ -130,25 +151,27 @@ def run_alone(fn: Callable, args: tuple):
     finally:
         receiver.close()
         process.join()
-    if result is None and process.exitcode != 0:
-        return WorkerKilled(death_reason(process.exitcode))
-    return result[0] if result is not None else None
+    if result is None:
+        return Outcome(error=WorkerKilled(death_reason(process.exitcode)))
+    return result
 
 
-def _child(sender, fn: Callable, args: tuple) -> None:
-    sender.send((_call(fn, args),))
+def _child(sender, fn: Callable, args: tuple, initializer: Initializer | None) -> None:
+    if initializer is not None:
+        initializer()
+    sender.send(_call(fn, args))
     sender.close()
 
 
-def _call(fn: Callable, args: tuple):
+def _call(fn: Callable[..., T], args: tuple) -> Outcome[T]:
     """Run one job; an exception is returned (picklable), not raised, so it costs only this job."""
     try:
-        return fn(*args)
+        return Outcome(fn(*args))
     except OutputError as error:  # the caller stops the run and prints it in one line
-        return error
+        return Outcome(error=error)
     except Exception as error:  # one unit's unexpected error must not stop the others
         logger.exception("%s failed", getattr(fn, "__name__", fn))
-        return _picklable(error)
+        return Outcome(error=_picklable(error))
 
 
 def _picklable(error: Exception) -> Exception:

@@ -16,10 +16,10 @@ Selection rule (documented in the card):
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,14 +27,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from ..atomic import write_atomic
 from ..standard import MINI_SIDE, SCALE_SIDES, STANDARD_MPP, stable_unit_float
-from .catalog import CatalogEntry
+from .catalog import CatalogEntry, subset_slug
 from .imageio import encode_jpeg
-from .shards import ShardSeries, damaged_shards, shard_stamp
-from .units import read_record
+from .shards import PackResult, ShardSeries, cached_output, pack_subset
+from .units import ConvertOptions
 
 DEFAULT_MINI_FRACTION = 0.04
+MINI_SUBSETS = "mini-subsets"  # per-subset mini shards under .work, mixed into data/mini
 M_PER_CELL = 32
 CELL_DIVISOR = {"XL": 1, "L": 4, "M": 10, "S": 40}
 
@@ -154,6 +154,31 @@ def roi_transform(entry: CatalogEntry, quality: int):
     return transform
 
 
+@dataclass(frozen=True)
+class MiniJob:
+    """One subset's mini shards to pack: its selected cells or training ROIs, resized, under .work/mini-subsets."""
+
+    entry: CatalogEntry
+    unit_files: tuple[Path, ...]  # in unit order
+    key: str  # the subset's inputs: its unit records and its cell quota
+    cells: int | None  # cells to select (WSI subsets)
+    options: ConvertOptions
+    work_dir: Path
+    verify: bool = False
+
+
+def pack_mini_subset(job: MiniJob) -> PackResult:
+    """Pack one subset's mini shards (mixed across subsets afterwards, `pack_mixed`); a job of the executor."""
+    files = list(job.unit_files)
+    if job.entry.kind == "wsi":
+        selected = select_wsi_tiles(read_tile_index(files), job.entry.name, job.cells or 0, job.options.seed)
+        transform = wsi_transform(selected, job.options.jpeg_quality)
+    else:
+        transform = roi_transform(job.entry, job.options.jpeg_quality)
+    return pack_subset(files, job.work_dir / MINI_SUBSETS, subset_slug(job.entry.name),
+                       job.work_dir / "pack" / MINI_SUBSETS, job.key, transform, job.verify)
+
+
 def _resized(table: pa.Table, quality: int) -> pa.Table:
     images = table.column("image").to_pylist()
     resized = [{"bytes": resize_image_bytes(img["bytes"], MINI_SIDE, quality), "path": None} for img in images]
@@ -226,7 +251,7 @@ def mix_group(files: list[Path], tmp_dir: Path, group: str, seed: int, shard_byt
         bucket = buckets / f"{shard:05d}.parquet"
         table = pq.read_table(bucket)
         table = table.take(pc.sort_indices(table, [("_rank", "ascending")])).drop_columns(["_rank"])
-        series = ShardSeries(tmp_dir, f"{group}-{shard:05d}", shard_bytes=2**62)
+        series = ShardSeries.one_file(tmp_dir, f"{group}-{shard:05d}")
         series.add(table)
         written.extend(series.close())
         bucket.unlink()
@@ -241,23 +266,20 @@ def interleave(counts: dict[str, int]) -> list[tuple[str, int]]:
 
 
 def pack_mixed(groups: dict[str, list[Path]], mini_dir: Path, work_dir: Path, seed: int, key: str,
-               shard_bytes: int, *, verify: bool = False, damaged: list[str] | None = None) -> int:
-    """Write `mini_dir/mini-NNNNN-<group>.parquet` from the per-subset mini shards; returns the rows written.
+               shard_bytes: int, *, verify: bool = False) -> tuple[int, list[str]]:
+    """Write `mini_dir/mini-NNNNN-<group>.parquet` from the per-subset mini shards: (rows, damaged shards found).
 
-    Resumable and reproducible: a record under `work_dir/pack` holding `key` (the inputs' pack keys and the
-    seed) skips the work when the shards are intact (`shards.damaged_shards`; a damaged one is appended to
-    `damaged` and the mix is rebuilt); otherwise the shards are rebuilt into a temporary
-    folder and moved in, and shards of an earlier mix that are no longer part of it are removed.
+    Resumable and reproducible, a cached output (`shards.cached_output`) whose record under `work_dir/pack`
+    holds `key` (the inputs' pack keys and the seed): the shards are rebuilt into a temporary folder and
+    moved in, and shards of an earlier mix that are no longer part of it are removed.
     """
-    record_path = work_dir / "pack" / "mini-mixed.json"
-    record = read_record(record_path)
-    if record and record.get("key") == key and "shards" in record:
-        found = damaged_shards(mini_dir, record["shards"], verify)
-        if not found:
-            return record["rows"]
-        if damaged is not None:
-            damaged.extend(found)
-    tmp_dir = work_dir / "mini-mix"
+    return cached_output(work_dir / "pack" / "mini-mixed.json", mini_dir, key, verify,
+                         lambda: _write_mixed(groups, mini_dir, work_dir / "mini-mix", seed, shard_bytes),
+                         stale="**/*.parquet*")  # earlier mixes, and per-subset folders of older layouts
+
+
+def _write_mixed(groups: dict[str, list[Path]], mini_dir: Path, tmp_dir: Path, seed: int,
+                 shard_bytes: int) -> tuple[list[Path], int]:
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     mixed = {group: mix_group(files, tmp_dir, group, seed, shard_bytes) for group, files in groups.items()}
@@ -266,16 +288,6 @@ def pack_mixed(groups: dict[str, list[Path]], mini_dir: Path, work_dir: Path, se
     for index, (group, k) in enumerate(interleave({g: len(paths) for g, paths in mixed.items()})):
         target = mini_dir / f"mini-{index:05d}-{group}.parquet"
         os.replace(mixed[group][k], target)
-        final.append(target.name)
-    for stale in sorted(mini_dir.rglob("*.parquet*")):  # earlier mixes, and per-subset folders of older layouts
-        if stale.parent != mini_dir or stale.name not in final:
-            stale.unlink()
-    for folder in sorted((p for p in mini_dir.rglob("*") if p.is_dir()), reverse=True):
-        if not any(folder.iterdir()):
-            folder.rmdir()
+        final.append(target)
     shutil.rmtree(tmp_dir)
-    rows = sum(pq.ParquetFile(mini_dir / name).metadata.num_rows for name in final)
-    shards = {name: shard_stamp(mini_dir / name) for name in final}
-    write_atomic(record_path, json.dumps({"key": key, "files": final, "shards": shards, "rows": rows},
-                                         indent=1).encode())
-    return rows
+    return final, sum(pq.ParquetFile(path).metadata.num_rows for path in final)

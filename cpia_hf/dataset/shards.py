@@ -5,7 +5,7 @@ Shards are written with `datasets`' ParquetWriter (typed `huggingface` schema me
 content-defined chunking so re-uploads deduplicate on the Hub's storage). Sizes, chosen for the Hub:
 - row groups close at 64 MiB of rows: far below the viewer's ~286 MiB uncompressed limit per row
   group and several of them fit in the 300 MB it scans, so the first rows show quickly even for
-  XL tiles (~2-4 MB each, ~20 per group);
+  XL tiles, the largest images;
 - shards close at 500 MB (the Hub's recommended file size), which keeps the full release at a few
   ten thousand files, under the 100k files per repo, and every subset folder under 10k entries.
 Packing is a pure function of the unit files (sorted by unit id), so a rerun writes byte-identical
@@ -25,7 +25,7 @@ import json
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,11 +35,13 @@ from datasets.arrow_writer import ParquetWriter
 from ..atomic import FREE_SPACE_MARGIN, atomic_path, output_errors, require_free_space, write_atomic
 from ..schema import COLUMNS, FEATURES
 from ..standard import FOLDER_OF_SCALE, FOLDERS
+from .stamps import FileStamp
 from .units import ROW_GROUP_BYTES, RowGroupBytes, read_record
 
 SHARD_BYTES = 500 * 1000 * 1000
 
 RowFilter = Callable[[pa.Table], pa.Table]
+Rows = TypeVar("Rows", int, dict)  # what a pack record counts: rows of one file set, or per folder
 
 
 def iter_unit_batches(unit_files: Iterable[Path], transform: RowFilter | None = None) -> Iterator[pa.Table]:
@@ -56,31 +58,32 @@ def iter_unit_batches(unit_files: Iterable[Path], transform: RowFilter | None = 
 
 class Rolling:
     """The rolling rule of a shard series, on image sizes alone: a row group closes when RowGroupBytes says so, a
-    shard at the first row-group close that brings it to `shard_bytes` or more."""
+    shard at the first row-group close that brings it to `shard_bytes` or more (never when `shard_bytes` is None:
+    one file)."""
 
-    def __init__(self, shard_bytes: int = SHARD_BYTES, group_bytes: int = ROW_GROUP_BYTES):
+    def __init__(self, shard_bytes: int | None = SHARD_BYTES, group_bytes: int = ROW_GROUP_BYTES):
         self.shard_bytes = shard_bytes
         self.groups = RowGroupBytes(group_bytes)
         self.shard = 0  # image bytes of the open shard's closed row groups
-        self.pending = 0  # image bytes of the open row group
 
-    def add(self, size: int) -> tuple[bool, bool]:
-        """Count one row; (its row group closes after it, its shard closes after it)."""
-        self.pending += size
-        if not self.groups.add(size):
-            return False, False
-        self.shard, self.pending = self.shard + self.pending, 0
-        if self.shard < self.shard_bytes:
-            return True, False
+    def add(self, size: int) -> tuple[int, bool]:
+        """Count one row: (the image bytes of the row group it closes, 0 while that stays open; whether its shard
+        closes after it)."""
+        closed = self.groups.add(size)
+        if not closed:
+            return 0, False
+        self.shard += closed
+        if self.shard_bytes is None or self.shard < self.shard_bytes:
+            return closed, False
         self.shard = 0
-        return True, True
+        return closed, True
 
 
 class ShardSeries:
     """Consecutive shards of one (folder, subset): rolls over at SHARD_BYTES, row groups at ROW_GROUP_BYTES.
-    `first_index` numbers the first shard (a planned shard is written alone by a series of its own)."""
+    `first_index` numbers the first shard; `one_file` makes a series that never rolls over."""
 
-    def __init__(self, folder: Path, slug: str, shard_bytes: int = SHARD_BYTES, first_index: int = 0,
+    def __init__(self, folder: Path, slug: str, shard_bytes: int | None = SHARD_BYTES, first_index: int = 0,
                  group_bytes: int = ROW_GROUP_BYTES):
         self.folder, self.slug = folder, slug
         self.first_index = first_index
@@ -89,26 +92,30 @@ class ShardSeries:
         self._writer: ParquetWriter | None = None
         self._final: Path | None = None
         self._stack = ExitStack()  # holds the open shard's atomic_path
-        self._pending: list[pa.Table] = []
-        self._pending_bytes = 0
+        self._pending: list[pa.Table] = []  # rows of the open row group
         self._rolling = Rolling(shard_bytes, group_bytes)
+
+    @classmethod
+    def one_file(cls, folder: Path, slug: str, index: int = 0, group_bytes: int = ROW_GROUP_BYTES) -> "ShardSeries":
+        """A series written as the single shard `index` (a planned shard, a mixed mini shard)."""
+        return cls(folder, slug, shard_bytes=None, first_index=index, group_bytes=group_bytes)
 
     def add(self, table: pa.Table) -> None:
         sizes = pc.binary_length(table.column("image").combine_chunks().field("bytes")).to_pylist()
         start = 0
         for end, size in enumerate(sizes, start=1):
-            self._pending_bytes += size
-            group_closes, shard_closes = self._rolling.add(size)
-            if group_closes:
+            group_bytes, shard_closes = self._rolling.add(size)
+            if group_bytes:
                 self._pending.append(table.slice(start, end - start))
                 start = end
-                self._flush()
+                self._flush(group_bytes)
             if shard_closes:
                 self._close_shard()
         if start < table.num_rows:
             self._pending.append(table.slice(start))
 
-    def _flush(self) -> None:
+    def _flush(self, image_bytes: int) -> None:
+        """Write the open row group (`image_bytes` of images) to the open shard."""
         if not self._pending:
             return
         if self._writer is None:
@@ -118,10 +125,10 @@ class ShardSeries:
                 self._writer = ParquetWriter(path=str(tmp), features=FEATURES)
         table = pa.concat_tables(self._pending)
         with output_errors(self._final):
-            require_free_space(self.folder, 2 * self._pending_bytes + FREE_SPACE_MARGIN)
+            require_free_space(self.folder, 2 * image_bytes + FREE_SPACE_MARGIN)
             self._writer.write_table(table, writer_batch_size=table.num_rows)
         self.rows += table.num_rows
-        self._pending, self._pending_bytes = [], 0
+        self._pending = []
 
     def _close_shard(self) -> None:
         with output_errors(self._final):
@@ -132,7 +139,7 @@ class ShardSeries:
         self._writer = None
 
     def close(self) -> list[Path]:
-        self._flush()
+        self._flush(self._rolling.groups.pending)
         if self._writer is not None:
             self._close_shard()
         return self.written
@@ -207,7 +214,10 @@ class _SeriesPlanner:
 
     def _close_shard(self) -> None:
         index, limit = len(self.plans), self.rolling.groups.limit
-        key = pack_key("planned-shard", self.folder, self.slug, index, self.pieces, self.prints, FOLDER_OF_SCALE,
+        # the unit files by name, not path: an output folder copied elsewhere plans the same keys
+        pieces = [(Path(path).name, start, end) for path, start, end in self.pieces]
+        prints = {Path(path).name: fingerprint for path, fingerprint in self.prints.items()}
+        key = pack_key("planned-shard", self.folder, self.slug, index, pieces, prints, FOLDER_OF_SCALE,
                        COLUMNS, self.rolling.shard_bytes, limit)
         rows = sum(end - start for _, start, end in self.pieces)
         self.plans.append(ShardPlan(self.folder, self.slug, index, tuple(self.pieces), rows, key, limit))
@@ -280,14 +290,12 @@ def write_planned_shard(plan: ShardPlan, config_dir: Path, record_dir: Path, ver
     """Write one planned shard unless its record holds the same key and the shard is intact (a damaged one is
     named in the result and rebuilt byte for byte)."""
     record_path = shard_record_path(record_dir, plan.folder, shard_name(plan.slug, plan.index))
-    record = read_record(record_path)
-    damage: list[str] = []
-    if record and record.get("key") == plan.key:
-        damage = damaged_shards(config_dir, record["shards"], verify)
-        if not damage:
-            return PackResult({plan.folder: plan.rows})
-    series = ShardSeries(config_dir / plan.folder / plan.slug, plan.slug, shard_bytes=2**62, first_index=plan.index,
-                         group_bytes=plan.group_bytes)
+    rows, damage = cached_output(record_path, config_dir, plan.key, verify, lambda: _write_plan(plan, config_dir))
+    return PackResult({plan.folder: rows}, damage)
+
+
+def _write_plan(plan: ShardPlan, config_dir: Path) -> tuple[list[Path], int]:
+    series = ShardSeries.one_file(config_dir / plan.folder / plan.slug, plan.slug, plan.index, plan.group_bytes)
     try:
         for path, start, end in plan.pieces:
             for table in folder_rows(Path(path), plan.folder, start, end):
@@ -298,22 +306,15 @@ def write_planned_shard(plan: ShardPlan, config_dir: Path, record_dir: Path, ver
         raise
     if series.rows != plan.rows or len(written) != 1:
         raise RuntimeError(f"{plan.name}: wrote {series.rows} rows in {len(written)} file(s), planned {plan.rows}")
-    shards = {written[0].relative_to(config_dir).as_posix(): shard_stamp(written[0])}
-    write_atomic(record_path, json.dumps({"key": plan.key, "shards": shards, "rows": plan.rows}, indent=1).encode())
-    return PackResult({plan.folder: plan.rows}, damage)
+    return written, plan.rows
 
 
 def remove_unplanned(config_dir: Path, record_dir: Path, plans: list[ShardPlan], slug: str) -> None:
     """Remove the shards (and their records) of a subset's series that are no longer planned: left by an earlier
     run whose units or layout differed, in any folder."""
-    planned = {plan.name for plan in plans}
-    for folder_dir in config_dir.glob(f"*/{slug}"):
-        for path in folder_dir.glob("*.parquet*"):
-            if f"{folder_dir.parent.name}/{slug}/{path.name}" not in planned:
-                path.unlink()
-                shard_record_path(record_dir, folder_dir.parent.name, path.name).unlink(missing_ok=True)
-        if not any(folder_dir.iterdir()):
-            folder_dir.rmdir()
+    planned = {config_dir / plan.name for plan in plans}
+    for path in remove_stale(config_dir, f"*/{slug}/*.parquet*", planned):
+        shard_record_path(record_dir, path.parent.parent.name, path.name).unlink(missing_ok=True)
 
 
 @dataclass
@@ -331,39 +332,92 @@ def pack_subset(
     transform: RowFilter | None = None,
     verify: bool = False,
 ) -> PackResult:
-    """Pack one subset's unit files into shards under `config_dir/<folder>/<slug>/`.
+    """Pack one subset's unit files into shards under `config_dir/<folder>/<slug>/` (a cached output, see
+    `cached_output`; shards left by an earlier pack of the subset that are no longer part of it are removed).
 
-    `key` identifies the inputs (unit records and selection); when the pack record under
-    `record_dir` holds the same key and its shards are intact, nothing is rewritten. Intact means the
-    recorded size, and the recorded SHA-256 where the file's modification time changed (every shard
-    when `verify`); a damaged or missing shard is named in the result and the subset is packed again,
-    which rebuilds it byte for byte.
+    `key` identifies the inputs (unit records and selection).
     """
     key = pack_key(key, FOLDER_OF_SCALE)  # a change of folder layout repacks (and removes the old files)
-    record_path = record_dir / f"{slug}.json"
-    record = read_record(record_path)
-    damage: list[str] = []
-    if record and record.get("key") == key and "shards" in record:
-        damage = damaged_shards(config_dir, record["shards"], verify)
-        if not damage:
-            return PackResult(record["rows"])
-    written, rows = _write_shards(unit_files, config_dir, slug, transform)
-    # Remove shards left by an earlier pack of this subset that are no longer part of it.
-    keep = {p for paths in written.values() for p in paths}
-    for folder_dir in config_dir.glob(f"*/{slug}"):
-        for stale in folder_dir.glob("*.parquet*"):
-            if stale not in keep:
-                stale.unlink()
-        if not any(folder_dir.iterdir()):
-            folder_dir.rmdir()
-    shards = {p.relative_to(config_dir).as_posix(): shard_stamp(p) for p in sorted(keep)}
-    write_atomic(record_path, json.dumps({"key": key, "shards": shards, "rows": rows}, indent=1).encode())
+    rows, damage = cached_output(record_dir / f"{slug}.json", config_dir, key, verify,
+                                 lambda: _write_shards(unit_files, config_dir, slug, transform),
+                                 stale=f"*/{slug}/*.parquet*")
     return PackResult(rows, damage)
+
+
+# --- cached outputs: published files rebuilt only when their inputs changed or they were damaged ----------------
+
+
+@dataclass(frozen=True)
+class PackRecord:
+    """What a packing wrote: the key of its inputs, each file's stamp (by its path under the output folder), the
+    rows."""
+
+    key: str
+    shards: dict[str, FileStamp]
+    rows: int | dict[str, int]
+
+    @classmethod
+    def read(cls, path: Path) -> "PackRecord | None":
+        data = read_record(path)
+        try:
+            return cls(data["key"], {name: FileStamp.from_dict(s) for name, s in data["shards"].items()}, data["rows"])
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return None
+
+    def write(self, path: Path) -> None:
+        data = {"key": self.key, "shards": {name: s.to_dict() for name, s in self.shards.items()}, "rows": self.rows}
+        write_atomic(path, json.dumps(data, indent=1).encode())
+
+
+def cached_output(record_path: Path, folder: Path, key: str, verify: bool,
+                  build: Callable[[], tuple[list[Path], Rows]], stale: str | None = None) -> tuple[Rows, list[str]]:
+    """The one write path of published files: (rows, damage found).
+
+    When the record at `record_path` holds `key` and every file it stamps under `folder` is intact
+    (`stamps.FileStamp`: its recorded size, and its SHA-256 where its modification time changed or when
+    `verify`), nothing is written (but the record's times, when a file was found intact under another
+    time: copied or restored). Otherwise `build()` writes the files (returning them and their rows),
+    the files under `folder` that match the glob `stale` and were not written are removed, and the record
+    is written last, so that a run killed before it rebuilds. The damage names the files rebuilt, and why.
+    """
+    record = PackRecord.read(record_path)
+    damage: list[str] = []
+    if record is not None and record.key == key:
+        damage = [d for name, stamp in record.shards.items() if (d := stamp.damage(folder / name, verify))]
+        if not damage:
+            _refresh_times(record, folder, record_path)
+            return record.rows, []
+    written, rows = build()
+    if stale is not None:
+        remove_stale(folder, stale, set(written))
+    stamps = {path.relative_to(folder).as_posix(): FileStamp.of(path) for path in sorted(written)}
+    PackRecord(key, stamps, rows).write(record_path)
+    return rows, damage
+
+
+def _refresh_times(record: PackRecord, folder: Path, record_path: Path) -> None:
+    """Record the current times of intact files found under other times, so that the next run trusts them."""
+    stamps = {name: stamp.refreshed(folder / name) for name, stamp in record.shards.items()}
+    if stamps != record.shards:
+        PackRecord(record.key, stamps, record.rows).write(record_path)
+
+
+def remove_stale(root: Path, pattern: str, keep: set[Path]) -> list[Path]:
+    """Remove the files under `root` that match the glob `pattern` and are not in `keep`, then the folders under
+    `root` that this leaves empty; returns the files removed."""
+    removed = [path for path in sorted(root.glob(pattern)) if path not in keep]
+    for path in removed:
+        path.unlink()
+    folders = {folder for path in removed for folder in path.parents if root in folder.parents}
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
 
 
 def _write_shards(
     unit_files: list[Path], config_dir: Path, slug: str, transform: RowFilter | None
-) -> tuple[dict[str, list[Path]], dict[str, int]]:
+) -> tuple[list[Path], dict[str, int]]:
     series: dict[str, ShardSeries] = {}
     try:
         for table in iter_unit_batches(unit_files, transform):
@@ -373,40 +427,12 @@ def _write_shards(
                 mask = pa.array([FOLDER_OF_SCALE[s] == folder for s in scales])
                 part = table.filter(mask)
                 series.setdefault(folder, ShardSeries(config_dir / folder / slug, slug)).add(part)
-        written = {folder: s.close() for folder, s in sorted(series.items())}
+        written = [path for _, s in sorted(series.items()) for path in s.close()]
     except BaseException as error:
         for s in series.values():
             s.abort(error)
         raise
     return written, {folder: s.rows for folder, s in sorted(series.items())}
-
-
-def shard_stamp(path: Path) -> dict:
-    """What a published shard is checked against on a rerun: size, modification time, SHA-256."""
-    stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
-
-
-def damaged_shards(config_dir: Path, stamps: dict[str, dict], verify: bool) -> list[str]:
-    """The recorded shards that are missing or differ from their record, each with what is wrong."""
-    damage = []
-    for name, stamp in stamps.items():
-        path = config_dir / name
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            damage.append(f"{path}: missing")
-            continue
-        if stat.st_size != stamp["size"]:
-            damage.append(f"{path}: {stat.st_size} bytes, {stamp['size']} recorded")
-        elif (verify or stat.st_mtime_ns != stamp["mtime_ns"]) and file_sha256(path) != stamp["sha256"]:
-            damage.append(f"{path}: content differs from the recorded SHA-256")
-    return damage
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def pack_key(*parts: object) -> str:

@@ -2,11 +2,13 @@
 
 A unit is one slide (WSI: one file, or the files of a multi-file slide, see `slidefiles`) or one chunk
 of ROI files of a sub-dataset. Each unit is converted on its own into
-`<work>/units/<subset>/<unit>.parquet` plus a `.json` record (fingerprint, row count, failures), both
-written atomically; a rerun skips units whose record matches and lists no failure (failed files are
-retried on every run, alone when the rest of their ROI chunk is unchanged; a changed file size or time
-changes the record), so a crash loses at most the units in flight and a cluster executor can hand
-units to different machines.
+`<work>/units/<subset>/<unit>.parquet` plus a `.json` record (fingerprint, row count, failures, the
+unit file's stamp), both written atomically; a rerun skips units whose record matches, lists no
+failure and whose unit file is intact (failed files are retried on every run, alone when the rest of
+their ROI chunk is unchanged; a changed source file size or time changes the record; a damaged unit
+file is converted again), so a crash loses at most the units in flight and a cluster executor can
+hand units to different machines. An ROI chunk whose worker dies is converted again in pieces
+(`piece_of`, `merge_pieces`) so that only the files that kill a worker fail.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import hashlib
 import json
 import os
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -28,8 +30,10 @@ from ..schema import FEATURES
 from ..standard import FOLDER_OF_SCALE, SCALE_SIDES, STANDARD_MPP
 from .catalog import CatalogEntry, folder_safe, subset_slug
 from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
+from .results import Failure, Skipped
 from .roi import DEFAULT_MAX_PIXELS, RoiError, convert_roi
 from .slidefiles import group_slide_files
+from .stamps import FileStamp
 from .tissue import RuleName
 
 ROW_GROUP_BYTES = 64 * 1024 * 1024
@@ -45,12 +49,13 @@ UNIT_SCHEMA = pa.schema([*FEATURES.arrow_schema, pa.field("_ix", pa.int32()), pa
 # Unit files keep each scale folder's rows in row groups of their own and carry `_size`; a record of a unit file
 # written otherwise (an older version) is not reused.
 UNIT_LAYOUT = 2
+Row = dict  # one row of a unit file: the columns of UNIT_SCHEMA
 
 
 def _unit_column_options() -> dict:
     """Parquet column options of unit files: those `datasets` gives the published shards (image bytes PLAIN and
-    uncompressed: JPEG bytes neither compress nor repeat, and dictionary-encoding them made reading a unit file
-    30x slower), the internal columns dictionary-encoded and snappy-compressed like the other metadata."""
+    uncompressed: JPEG bytes neither compress nor repeat, so a dictionary only slows reading a unit file), the
+    internal columns dictionary-encoded and snappy-compressed like the other metadata."""
     options = get_parquet_column_options(FEATURES, FEATURES.arrow_schema)
     for name in UNIT_SCHEMA.names[len(FEATURES):]:
         options["compression"][name] = "snappy"
@@ -68,13 +73,13 @@ class RowGroupBytes:
         self.limit = limit
         self.pending = 0  # image bytes of the open row group
 
-    def add(self, size: int) -> bool:
-        """Count one row of `size` image bytes; True when the row group closes after it."""
+    def add(self, size: int) -> int:
+        """Count one row of `size` image bytes: the image bytes of the row group it closes, 0 while it stays open."""
         self.pending += size
         if self.pending < self.limit:
-            return False
-        self.pending = 0
-        return True
+            return 0
+        closed, self.pending = self.pending, 0
+        return closed
 
 
 @dataclass(frozen=True)
@@ -104,18 +109,64 @@ class Unit:
 class UnitResult:
     key: str
     rows: int
-    failures: list[dict]
+    failures: list[Failure]
     skipped: bool = False  # already done by an earlier run
-    skipped_files: list[dict] = field(default_factory=list)  # files that gave no row, with the reason
+    skipped_files: list[Skipped] = field(default_factory=list)  # files that gave no row, with the reason
+    rebuilt: str | None = None  # the damage of the unit file found and rebuilt, in words that name it
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """The `.json` record next to a unit file: what made it, its rows, the files that failed or gave none, and the
+    unit file's stamp (size, time, SHA-256) taken when it was written."""
+
+    fingerprint: str
+    rows: int
+    failures: tuple[Failure, ...]
+    skipped: tuple[Skipped, ...]
+    layout: int | None = UNIT_LAYOUT
+    stamp: FileStamp | None = None  # None in a record of an older version
+
+    @classmethod
+    def read(cls, path: Path) -> "UnitRecord | None":
+        """The record at `path`; None when there is none or it cannot be read."""
+        data = read_record(path)
+        try:
+            stamp = FileStamp.from_dict(data["file"]) if "file" in data else None
+            return cls(str(data["fingerprint"]), int(data["rows"]),
+                       tuple(Failure.from_dict(f) for f in data["failures"]),
+                       tuple(Skipped.from_dict(f) for f in data.get("skipped", [])), data.get("layout"), stamp)
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return None
+
+    def content(self) -> dict:
+        """What the unit file holds, as the mini packs' key reads it (not where or when it was written)."""
+        return {"fingerprint": self.fingerprint, "rows": self.rows, "failures": [f.to_dict() for f in self.failures],
+                "skipped": [f.to_dict() for f in self.skipped], "layout": self.layout}
+
+    def write(self, path: Path) -> None:
+        data = {**self.content(), **({"file": self.stamp.to_dict()} if self.stamp else {})}
+        write_atomic(path, json.dumps(data, indent=1).encode())
+
+    def matches(self, fp: str) -> bool:
+        """Whether the unit file was made from these inputs, in this version's layout."""
+        return self.fingerprint == fp and self.layout == UNIT_LAYOUT
+
+    def file_damage(self, path: Path, verify: bool) -> str | None:
+        """What is wrong with the unit file against the stamp (`FileStamp.damage`); None when it is intact. A record
+        of an older version has no stamp: its file is taken as it is, and stamped when it is reused."""
+        if self.stamp is None:
+            return None if path.exists() else f"{path}: missing"
+        return self.stamp.damage(path, verify)
 
 
 def discover_units(
-    entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_CHUNK_FILES, skipped: list[dict] | None = None
+    entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_CHUNK_FILES, skipped: list[Skipped] | None = None
 ) -> list[Unit]:
     """The units of one catalog entry, in a stable order (sorted relative paths).
 
-    Paths that match the pattern but are no regular file (a dangling symlink, a folder) are appended
-    to `skipped` as {"file", "reason"}.
+    Paths that match the pattern but are no regular file (a dangling symlink, a folder) are added to
+    `skipped`.
     """
     folder = source_root / entry.path
     if not folder.is_dir():
@@ -126,7 +177,7 @@ def discover_units(
         if path.is_file():
             files.append(relative)
         elif skipped is not None:
-            skipped.append({"file": relative, "reason": _not_a_file(path)})
+            skipped.append(Skipped(relative, _not_a_file(path)))
     if entry.kind == "wsi":
         return [Unit(entry, _wsi_unit_id(Path(group[0]).relative_to(entry.path)), group)
                 for group in group_slide_files(files, source_root)]
@@ -187,60 +238,149 @@ def unit_paths(work_dir: Path, unit: Unit) -> tuple[Path, Path]:
 
 
 def read_record(path: Path) -> dict | None:
+    """A JSON record (unit, pack, lock owner); None when there is none or it cannot be read."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def is_current(record: dict | None, fp: str) -> bool:
-    """A unit's record can be reused when its inputs are unchanged and it had no failures: failed files are
-    retried on every run (a fixed permission or a re-downloaded file converts without touching its stats).
-    A record of a unit file in another layout (an older version's) is not."""
-    return (bool(record) and record.get("fingerprint") == fp and not record.get("failures")
-            and record.get("layout") == UNIT_LAYOUT)
-
-
-def convert_unit(unit: Unit, source_root: Path, work_dir: Path, options: ConvertOptions) -> UnitResult:
-    """Convert one unit unless its cached record matches; returns rows written and failures."""
+def convert_unit(unit: Unit, source_root: Path, work_dir: Path, options: ConvertOptions,
+                 verify: bool = False) -> UnitResult:
+    """Convert one unit unless its record matches its inputs, lists no failure and its unit file is intact (failed
+    files are retried on every run: a fixed permission or a re-downloaded file converts without touching its
+    stats; a damaged unit file is converted again, and named); returns rows written and failures. `verify`
+    checks the SHA-256 of a unit file reused even when its time is the recorded one."""
     parquet_path, record_path = unit_paths(work_dir, unit)
     fp = fingerprint(unit, source_root, options)
-    record = read_record(record_path)
-    if is_current(record, fp) and parquet_path.exists():
-        return UnitResult(unit.key, record["rows"], record["failures"], skipped=True,
-                          skipped_files=record.get("skipped", []))
+    cached, damage = _reusable(parquet_path, record_path, fp, verify)
+    if cached is not None and not cached.failures:
+        _keep_stamp(cached, parquet_path, record_path)
+        return UnitResult(unit.key, cached.rows, [], skipped=True, skipped_files=list(cached.skipped))
     with output_errors(parquet_path):  # a full disk stops the run before the unit's work, not after it
         require_free_space(parquet_path.parent, FREE_SPACE_MARGIN + ROW_GROUP_BYTES)
-    failures: list[dict] = []
-    if _retry_only_failed(unit, record, fp, parquet_path):
-        rows = _merged_rows(unit, record, parquet_path, source_root, options, failures)
+    if cached is not None and unit.entry.kind == "roi":  # an ROI chunk: only its failed files again
+        items = _merged_items(unit, cached, parquet_path, source_root, options)
     else:
-        rows = _unit_rows(unit, source_root, options, failures)
-    count = _write_unit_parquet(parquet_path, rows)
-    skipped = _empty_slide(unit, source_root, options) if count == 0 and not failures else []
-    record = {"fingerprint": fp, "rows": count, "failures": failures, "skipped": skipped, "layout": UNIT_LAYOUT}
-    write_atomic(record_path, json.dumps(record, indent=1).encode())
-    return UnitResult(unit.key, count, failures, skipped_files=skipped)
+        items = _unit_items(unit, source_root, options)
+    return replace(_write_unit(unit, fp, items, source_root, work_dir, options), rebuilt=damage)
 
 
-def _retry_only_failed(unit: Unit, record: dict | None, fp: str, parquet_path: Path) -> bool:
-    """An ROI chunk whose inputs are unchanged needs only its failed files converted again."""
-    return unit.entry.kind == "roi" and bool(record) and record.get("fingerprint") == fp and parquet_path.exists()
+def _reusable(parquet_path: Path, record_path: Path, fp: str, verify: bool) -> tuple[UnitRecord | None, str | None]:
+    """(the record, when its unit file can be reused: same inputs, this layout, intact; the damage of the unit file
+    when that is why it cannot)."""
+    record = UnitRecord.read(record_path)
+    if record is None or not record.matches(fp):
+        return None, None
+    damage = record.file_damage(parquet_path, verify)
+    return (None, damage) if damage else (record, None)
 
 
-def _merged_rows(
-    unit: Unit, record: dict, parquet_path: Path, source_root: Path, options: ConvertOptions, failures: list[dict]
-) -> Iterator[dict]:
-    """The chunk's cached rows plus those of its failed files converted again, in the chunk's file order
-    (so the packed shards equal those of a clean run)."""
-    failed = {f["file"] for f in record["failures"]}
-    retry = Unit(unit.entry, unit.unit_id, tuple(f for f in unit.files if f in failed))
-    rows = pq.read_table(parquet_path).to_pylist() + list(_unit_rows(retry, source_root, options, failures))
+def _write_unit(unit: Unit, fp: str, items: Iterator[Row | Failure], source_root: Path, work_dir: Path,
+                options: ConvertOptions) -> UnitResult:
+    """Write a unit file from its items, then its record (with the file's stamp)."""
+    parquet_path, record_path = unit_paths(work_dir, unit)
+    rows = _Rows(items)
+    count = _write_unit_parquet(parquet_path, iter(rows))
+    skipped = _empty_slide(unit, source_root, options) if count == 0 and not rows.failures else []
+    UnitRecord(fp, count, tuple(rows.failures), tuple(skipped), stamp=FileStamp.of(parquet_path)).write(record_path)
+    return UnitResult(unit.key, count, rows.failures, skipped_files=skipped)
+
+
+# --- an ROI chunk whose worker died: converted again in pieces, so that only the files that kill a worker fail ---
+
+
+def roi_files_to_convert(unit: Unit, source_root: Path, work_dir: Path, options: ConvertOptions,
+                         verify: bool = False) -> tuple[str, ...]:
+    """The files of an ROI chunk that `convert_unit` converts: its failed ones when its unit file is reused, else
+    all of them."""
+    parquet_path, record_path = unit_paths(work_dir, unit)
+    cached, _ = _reusable(parquet_path, record_path, fingerprint(unit, source_root, options), verify)
+    if cached is None:
+        return unit.files
+    failed = {f.file for f in cached.failures}
+    return tuple(f for f in unit.files if f in failed)
+
+
+def piece_of(unit: Unit, files: tuple[str, ...]) -> Unit:
+    """Some files of an ROI chunk as a unit of their own (converted with `convert_unit`, merged by `merge_pieces`),
+    named after the chunk and its files."""
+    digest = hashlib.sha256("\n".join(files).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return Unit(unit.entry, f"{unit.unit_id}-piece-{digest}", files)
+
+
+def merge_pieces(unit: Unit, pieces: tuple[Unit, ...], killed: tuple[Failure, ...], source_root: Path,
+                 work_dir: Path, options: ConvertOptions, verify: bool = False) -> UnitResult:
+    """Write an ROI chunk's unit file from its converted pieces, and from its cached rows of the files converted
+    before, in the chunk's file order (the bytes of a run in which the `killed` files failed); its record lists
+    the pieces' failures and the files that killed their worker. The pieces' files are then removed."""
+    parquet_path, record_path = unit_paths(work_dir, unit)
+    fp = fingerprint(unit, source_root, options)
+    cached, _ = _reusable(parquet_path, record_path, fp, verify)
+    redone = {file for piece in pieces for file in piece.files} | {f.file for f in killed}
+    rows, failures = [], list(killed)
+    if cached is not None:  # what the files not converted again gave before
+        rows = [r for r in pq.read_table(parquet_path).to_pylist() if r["source_file"] not in redone]
+        failures.extend(f for f in cached.failures if f.file not in redone)
+    for piece in pieces:
+        piece_path, piece_record = unit_paths(work_dir, piece)
+        rows.extend(pq.read_table(piece_path).to_pylist())
+        failures.extend(UnitRecord.read(piece_record).failures)
     order = {file: k for k, file in enumerate(unit.files)}
-    return iter(sorted(rows, key=lambda row: order[row["source_file"]]))
+    failures.sort(key=lambda f: order.get(f.file, len(order)))
+    rows.sort(key=lambda row: order[row["source_file"]])
+    result = _write_unit(unit, fp, iter([*failures, *rows]), source_root, work_dir, options)
+    for piece in pieces:
+        for path in unit_paths(work_dir, piece):
+            path.unlink(missing_ok=True)
+    return result
 
 
-def _write_unit_parquet(path: Path, rows: Iterator[dict]) -> int:
+def _keep_stamp(record: UnitRecord, parquet_path: Path, record_path: Path) -> None:
+    """Stamp a reused unit file whose record has none (an older version's), or record its current time once its
+    content is verified (a copied or restored output), so that the next run trusts it without reading it."""
+    if record.stamp is None:
+        stamp = FileStamp.of(parquet_path)
+    else:
+        stamp = record.stamp.refreshed(parquet_path)
+        if stamp == record.stamp:
+            return
+    replace(record, stamp=stamp).write(record_path)
+
+
+class _Rows:
+    """The rows among a unit's items, for the writer; the failures among them are kept, in order."""
+
+    def __init__(self, items: Iterator[Row | Failure]):
+        self.items = items
+        self.failures: list[Failure] = []
+
+    def __iter__(self) -> Iterator[Row]:
+        for item in self.items:
+            if isinstance(item, Failure):
+                self.failures.append(item)
+            else:
+                yield item
+
+
+def _merged_items(
+    unit: Unit, record: UnitRecord, parquet_path: Path, source_root: Path, options: ConvertOptions
+) -> Iterator[Row | Failure]:
+    """The chunk's cached rows plus those of its failed files converted again, in the chunk's file order
+    (so the packed shards equal those of a clean run); the files that fail again first."""
+    failed = {f.file for f in record.failures}
+    retry = Unit(unit.entry, unit.unit_id, tuple(f for f in unit.files if f in failed))
+    rows = pq.read_table(parquet_path).to_pylist()
+    for item in _unit_items(retry, source_root, options):
+        if isinstance(item, Failure):
+            yield item
+        else:
+            rows.append(item)
+    order = {file: k for k, file in enumerate(unit.files)}
+    yield from sorted(rows, key=lambda row: order[row["source_file"]])
+
+
+def _write_unit_parquet(path: Path, rows: Iterator[Row]) -> int:
     """Write rows in row groups of one scale folder each, of about ROW_GROUP_BYTES of images (so that packing a
     folder reads only its row groups), with each image's size in `_size`; an empty unit gets an empty file."""
     count = 0
@@ -264,10 +404,10 @@ def _write_unit_parquet(path: Path, rows: Iterator[dict]) -> int:
     return count
 
 
-def _row_batches(rows: Iterator[dict]) -> Iterator[list[dict]]:
+def _row_batches(rows: Iterator[Row]) -> Iterator[list[Row]]:
     """Row groups of one scale folder each: each folder's rows in their order, closed by RowGroupBytes per folder
     (the open ones last, by folder name); an empty unit gives one empty batch."""
-    open_groups: dict[str, tuple[list[dict], RowGroupBytes]] = {}
+    open_groups: dict[str, tuple[list[Row], RowGroupBytes]] = {}
     emitted = False
     for row in rows:
         folder = FOLDER_OF_SCALE[row["scale"]]
@@ -285,7 +425,7 @@ def _row_batches(rows: Iterator[dict]) -> Iterator[list[dict]]:
         yield []
 
 
-def _empty_slide(unit: Unit, source_root: Path, options: ConvertOptions) -> list[dict]:
+def _empty_slide(unit: Unit, source_root: Path, options: ConvertOptions) -> list[Skipped]:
     """Why a slide that converted without error gave no tile: too small, or no tissue under the rule."""
     if unit.entry.kind != "wsi":
         return []
@@ -295,14 +435,14 @@ def _empty_slide(unit: Unit, source_root: Path, options: ConvertOptions) -> list
     try:
         info = open_slide_info(source_root / file, unit.entry.mpp)
     except SlideError as error:
-        return [{"file": file, "reason": f"no tile kept ({error.reason})"}]
+        return [Skipped(file, f"no tile kept ({error.reason})")]
     side = SCALE_SIDES["M"]
     if min(info.std_width, info.std_height) < side:
         reason = (f"no tile kept: too small, {info.std_width}x{info.std_height} px at {STANDARD_MPP} um/px "
                   f"is less than one M tile ({side} px)")
     else:
         reason = f"no tile kept: no tissue found by the '{options.tissue_rule}' tissue rule (blank or faint slide)"
-    return [{"file": file, "reason": reason}]
+    return [Skipped(file, reason)]
 
 
 def _metadata(entry: CatalogEntry) -> dict:
@@ -317,21 +457,23 @@ def _metadata(entry: CatalogEntry) -> dict:
     }
 
 
-def _unit_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: list[dict]) -> Iterator[dict]:
+def _unit_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Iterator[Row | Failure]:
+    """A unit's rows, and a Failure for each file (or part of a slide) that gives none, in the order met."""
     if unit.entry.kind == "wsi":
-        yield from _wsi_rows(unit, source_root, options, failures)
+        yield from _wsi_items(unit, source_root, options)
     else:
-        yield from _roi_rows(unit, source_root, options, failures)
+        yield from _roi_items(unit, source_root, options)
 
 
-def _wsi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: list[dict]) -> Iterator[dict]:
+def _wsi_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Iterator[Row | Failure]:
     from .slides import SlideError, iter_slide_tiles
     from .tissue import TissueRule  # slide readers load only where slides are converted
 
     file = unit.files[0]  # the main file of a multi-file slide (DICOM series, MIRAX, VMS)
     if not is_utf8(file):
-        failures.append({"file": display_name(file), "reason": NOT_UTF8})
+        yield Failure(display_name(file), NOT_UTF8)
         return
+    cell_errors: list[str] = []  # the slide reader reports a failed cell through a callback, mid-iteration
     meta = _metadata(unit.entry)
     rule = TissueRule(name=options.tissue_rule, min_fraction=options.min_tissue_fraction)
     tiles = iter_slide_tiles(
@@ -341,10 +483,11 @@ def _wsi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: 
         rule=rule,
         s_per_m=options.s_per_m,
         seed=options.seed,
-        on_cell_error=lambda reason: failures.append({"file": file, "reason": reason}),
+        on_cell_error=cell_errors.append,
     )
     try:
         for tile in tiles:
+            yield from _drain(file, cell_errors)
             yield {
                 "image": {"bytes": encode_jpeg(tile.pixels, options.jpeg_quality), "path": None},
                 "image_id": tile.image_id,
@@ -363,10 +506,19 @@ def _wsi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: 
                 **meta,
             }
     except SlideError as error:
-        failures.append({"file": file, "reason": error.reason})
+        yield from _drain(file, cell_errors)
+        yield Failure(file, error.reason)
+        return
+    yield from _drain(file, cell_errors)
 
 
-def _roi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: list[dict]) -> Iterator[dict]:
+def _drain(file: str, reasons: list[str]) -> Iterator[Failure]:
+    """The failures of `file` reported so far, each once."""
+    while reasons:
+        yield Failure(file, reasons.pop(0))
+
+
+def _roi_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Iterator[Row | Failure]:
     entry = unit.entry
     meta = _metadata(entry)
     train_files = None
@@ -375,16 +527,16 @@ def _roi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: 
     for file in unit.files:
         path = source_root / file
         if not is_utf8(file):
-            failures.append({"file": display_name(file), "reason": NOT_UTF8})
+            yield Failure(display_name(file), NOT_UTF8)
             continue
         try:
             roi = convert_roi(path, max_pixels=options.max_roi_pixels)
             image_bytes = encode_jpeg(roi.pixels, options.jpeg_quality)
         except RoiError as error:
-            failures.append({"file": file, "reason": error.reason})
+            yield Failure(file, error.reason)
             continue
         except Exception as error:  # any other failure of one file costs only that file
-            failures.append({"file": file, "reason": f"{type(error).__name__}: {error}"})
+            yield Failure(file, f"{type(error).__name__}: {error}")
             continue
         label = path.parent.name if entry.label_from == "parent" else None
         stem = Path(file).stem
