@@ -39,7 +39,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cpia_hf.dataset import slides as wsi  # noqa: E402
+from cpia_hf.dataset.slide.readers import TiffJpegReader, open_slide, open_slide_info  # noqa: E402
+from cpia_hf.dataset.slide.grid import MASK_PX  # noqa: E402
+from cpia_hf.dataset.slide.resample import RESAMPLE, best_level, pre_reduce_factor, resample_image  # noqa: E402
+from cpia_hf.dataset.slide.tiles import iter_slide_tiles  # noqa: E402
 from cpia_hf.dataset.catalog import CatalogEntry  # noqa: E402
 from cpia_hf.dataset.imageio import encode_jpeg  # noqa: E402
 from cpia_hf.dataset.tissue import RULES, TissueRule  # noqa: E402
@@ -91,17 +94,17 @@ def touched_tiles(reads: list[tuple[int, int, int, int, int]], pages: list[tifff
 def convert(path: Path, rule: str) -> dict:
     """Convert the slide as the converter does; record which source rectangles were decoded."""
     reads = []
-    read = wsi.TiffJpegReader.read
+    read = TiffJpegReader.read
 
     def recording_read(self, level, x, y, width, height, factor=1):
         reads.append((level, x, y, width, height))
         return read(self, level, x, y, width, height, factor)
 
-    wsi.TiffJpegReader.read = recording_read
+    TiffJpegReader.read = recording_read
     counts, output_pixels, encode_cpu, encoded_bytes, regions = Counter(), 0, 0.0, 0, []
     cpu0, wall0 = cpu_seconds(), time.perf_counter()
     try:
-        for tile in wsi.iter_slide_tiles(path, slide_stem=path.stem, rule=TissueRule(rule)):
+        for tile in iter_slide_tiles(path, slide_stem=path.stem, rule=TissueRule(rule)):
             start = time.process_time()
             encoded_bytes += len(encode_jpeg(tile.pixels, quality=90))
             encode_cpu += time.process_time() - start
@@ -109,7 +112,7 @@ def convert(path: Path, rule: str) -> dict:
             output_pixels += tile.side * tile.side
             regions.append((tile.x, tile.y, tile.width, tile.height))
     finally:
-        wsi.TiffJpegReader.read = read
+        TiffJpegReader.read = read
     return dict(cpu=cpu_seconds() - cpu0, wall=time.perf_counter() - wall0, counts=counts, reads=reads, regions=regions,
                 output_pixels=output_pixels, encode_cpu=encode_cpu, encoded_bytes=encoded_bytes)
 
@@ -124,18 +127,18 @@ def codec_floor(path: Path, touched: set[tuple[int, int]], scale: float) -> tupl
     decoding the same tiles at full size with imagecodecs, for comparison.
     """
     decode_cpu, full_decode_cpu, standard_pixels, source_pixels = 0.0, 0.0, 0.0, 0
-    _, reader = wsi._open(path, None, "tifffile")
+    reader = open_slide(path, reader="tifffile")
     handle = reader.tif.filehandle
-    cell_level = wsi._best_level(reader.level_downsamples, scale)
-    thumbnail_level = wsi._best_level(reader.level_downsamples, scale * wsi.MASK_PX)
+    cell_level = best_level(reader.level_downsamples, scale)
+    thumbnail_level = best_level(reader.level_downsamples, scale * MASK_PX)
     try:
         for level, index in sorted(touched):
             page = reader.pages[level]
             step = scale / reader.level_downsamples[level]
-            factor = max(1, int(step * (1 + wsi.PRE_REDUCE_SLACK)))
+            factor = pre_reduce_factor(step)
             shrink = reader.dct_shrink(level, factor)
             start = time.process_time()
-            reader._decode(level, index, shrink)
+            reader.decode_tile(level, index, shrink)
             decode_cpu += time.process_time() - start
             handle.seek(page.dataoffsets[index])
             data = handle.read(page.databytecounts[index])
@@ -144,7 +147,7 @@ def codec_floor(path: Path, touched: set[tuple[int, int]], scale: float) -> tupl
             full_decode_cpu += time.process_time() - start
             source_pixels += page.tilewidth * page.tilelength
             # the tissue thumbnail's tiles are resampled to mask pixels, not standardised ones
-            target = scale * (wsi.MASK_PX if level == thumbnail_level != cell_level else 1)
+            target = scale * (MASK_PX if level == thumbnail_level != cell_level else 1)
             standard_pixels += page.tilewidth * page.tilelength / (target / reader.level_downsamples[level]) ** 2
         resize_cpu = standard_pixels * resample_seconds_per_pixel(reader, scale)
     finally:
@@ -152,12 +155,12 @@ def codec_floor(path: Path, touched: set[tuple[int, int]], scale: float) -> tupl
     return decode_cpu, full_decode_cpu, resize_cpu, source_pixels
 
 
-def resample_seconds_per_pixel(reader: wsi.TiffJpegReader, scale: float) -> float:
+def resample_seconds_per_pixel(reader: TiffJpegReader, scale: float) -> float:
     """CPU seconds per output pixel of the converter's `resample_image` on one RATE_BLOCK square from the
     middle of the level cells are read from (best of three)."""
-    level = wsi._best_level(reader.level_downsamples, scale)
+    level = best_level(reader.level_downsamples, scale)
     step = scale / reader.level_downsamples[level]
-    factor = max(1, int(step * (1 + wsi.PRE_REDUCE_SLACK)))
+    factor = pre_reduce_factor(step)
     side = RATE_BLOCK
     width, height = reader.level_dimensions[level]
     need = math.ceil(side * step) + 4 * factor
@@ -167,7 +170,7 @@ def resample_seconds_per_pixel(reader: wsi.TiffJpegReader, scale: float) -> floa
     best = math.inf
     for _ in range(3):
         start = time.process_time()
-        wsi.resample_image(pixels, box, (side, side))
+        resample_image(pixels, box, (side, side))
         best = min(best, time.process_time() - start)
     return best / side**2
 
@@ -185,21 +188,21 @@ def compare_filters(path: Path, scale: float) -> list[tuple[str, str]]:
         source = level0.asarray()[top:top + math.ceil(side * scale), left:left + math.ceil(side * scale)]
     image = Image.fromarray(source).convert("RGBX")
     box = (0.0, 0.0, side * scale, side * scale)
-    factor = max(1, int(scale * (1 + wsi.PRE_REDUCE_SLACK)))
-    _, reader = wsi._open(path, None, "tifffile")
+    factor = pre_reduce_factor(scale)
+    reader = open_slide(path, reader="tifffile")
     shrink = reader.dct_shrink(0, factor)
     dct_scaled = reader.read(0, left, top, source.shape[1], source.shape[0], shrink)
     reader.close()
     candidates = [(name, reduce, image) for name in ("BOX", "BILINEAR", "BICUBIC", "LANCZOS")
                   for reduce in ((1, factor) if factor > 1 else (1,))]
     if shrink > 1:
-        candidates.append((wsi.RESAMPLE.name, -shrink, dct_scaled))
+        candidates.append((RESAMPLE.name, -shrink, dct_scaled))
     results = {}
     if shrink > 1:  # the converter's own resampler (OpenCV when the remainder enlarges) on the DCT-scaled decode
         seconds, reduced_box = math.inf, tuple(b / shrink for b in box)
         for _ in range(3):
             start = time.process_time()
-            out = wsi.resample_image(dct_scaled, reduced_box, (side, side))
+            out = resample_image(dct_scaled, reduced_box, (side, side))
             seconds = min(seconds, time.process_time() - start)
         results[f"DCT 1/{shrink} decode + converter's resample_image"] = (seconds, out, True)
     for name, reduce, pixels in candidates:
@@ -211,7 +214,7 @@ def compare_filters(path: Path, scale: float) -> list[tuple[str, str]]:
             out = np.asarray(reduced.resize((side, side), Image.Resampling[name], box=reduced_box))[..., :3]
             seconds = min(seconds, time.process_time() - start)
         label = {1: name, -shrink: f"DCT 1/{shrink} decode + {name}"}.get(reduce, f"reduce({reduce}) + {name}")
-        used = shrink == 1 and reduce == factor and Image.Resampling[name] == wsi.RESAMPLE
+        used = shrink == 1 and reduce == factor and Image.Resampling[name] == RESAMPLE
         results[label] = (seconds, out, used)
     reference = results["LANCZOS"][1].astype(np.float64)
     rows = []
@@ -235,9 +238,9 @@ def convert_as_unit(path: Path, work_dir: Path, rule: str) -> tuple[float, float
 
 def kept_tiles(regions: list[tuple[float, float, float, float]], path: Path, scale: float) -> set[tuple[int, int]]:
     """(level, tile index) of the source tiles under the kept tiles, at the level cells are read from."""
-    _, reader = wsi._open(path, None, "tifffile")
+    reader = open_slide(path, reader="tifffile")
     try:
-        level = wsi._best_level(reader.level_downsamples, scale)
+        level = best_level(reader.level_downsamples, scale)
         down = reader.level_downsamples[level]
         reads = [(level, int(x / down), int(y / down), max(1, math.ceil(w / down)), max(1, math.ceil(h / down)))
                  for x, y, w, h in regions]
@@ -314,7 +317,7 @@ def main() -> int:
 
 
 def benchmark_slide(path: Path, rule: str, filters: bool) -> None:
-    info = wsi.open_slide_info(path)
+    info = open_slide_info(path)
     scale = STANDARD_MPP / info.mpp
     peak_rss_mb(reset=True)
     run = convert(path, rule)

@@ -14,7 +14,9 @@ import tifffile
 import yaml
 
 from cpia_hf.dataset.catalog import CatalogError, load_catalog
-from cpia_hf.dataset.slides import MAX_MASK_PIXELS, MAX_SLIDE_PIXELS, SlideError, iter_slide_tiles, open_slide_info
+from cpia_hf.dataset.slide.means import area_mean, integral
+from cpia_hf.dataset.slide.readers import MAX_MASK_PIXELS, MAX_SLIDE_PIXELS, SlideError, open_slide_info
+from cpia_hf.dataset.slide.tiles import iter_slide_tiles
 from cpia_hf.demo.synth import he_like_image, write_claimed_size_tiff, write_slide
 
 
@@ -101,15 +103,13 @@ def test_claimed_size_tiff_within_bounds_is_read(tmp_path):
 def test_wrapping_summed_area_table_gives_exact_means():
     """The colour table is unsigned and may wrap around (uint32 on slides): rectangle means stay exact
     while a rectangle's sum fits the type. Shown with uint16, whose whole-table sums wrap many times."""
-    from cpia_hf.dataset.slides import _area_mean, _integral
-
     rng = np.random.default_rng(0)
     values = rng.integers(0, 256, (120, 150, 3), dtype=np.uint8)
-    table = _integral(values, np.uint16)
+    table = integral(values, np.uint16)
     assert int(values[..., 0].astype(np.int64).sum()) > 2**16  # the table wrapped
     for column, row, columns, rows in [(0, 0, 10, 10), (37, 80, 15, 16), (140, 110, 10, 10)]:
         expected = values[row:row + rows, column:column + columns].reshape(-1, 3).mean(axis=0)
-        assert np.allclose(_area_mean(table, column, row, columns, rows), expected)
+        assert np.allclose(area_mean(table, column, row, columns, rows), expected)
 
 
 def test_hostile_slides_are_named_and_their_neighbours_convert(tmp_path):

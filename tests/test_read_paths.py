@@ -9,10 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cpia_hf.dataset import slides as wsi
 from cpia_hf.dataset.catalog import CatalogEntry
 from cpia_hf.dataset.imageio import rgb_image
-from cpia_hf.dataset.slides import iter_slide_tiles
+from cpia_hf.dataset.slide.cells import StandardSlide
+from cpia_hf.dataset.slide.grid import XL_SIDE, XLCell
+from cpia_hf.dataset.slide.readers import TiffJpegReader, open_slide
+from cpia_hf.dataset.slide.resample import resample_image
+from cpia_hf.dataset.slide.tiles import iter_slide_tiles
 from cpia_hf.dataset.tissue import TissueRule
 from cpia_hf.dataset.units import ConvertOptions, Unit, convert_unit
 from cpia_hf.demo.synth import he_like_image, write_slide
@@ -44,7 +47,7 @@ def test_opencv_enlarging_matches_pillow_bilinear(box, size):
     source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 260, 3), np.uint8))
     expected = np.asarray(source.resize(size, Image.Resampling.BILINEAR, box=box)).astype(int)
     canvas = np.zeros((size[1] + 10, size[0] + 20, 3), np.uint8)
-    result = wsi.resample_image(source, box, size, out=canvas[5:5 + size[1], 7:7 + size[0]])
+    result = resample_image(source, box, size, out=canvas[5:5 + size[1], 7:7 + size[0]])
     assert np.shares_memory(result, canvas)  # written in place, into a view with the canvas' row stride
     assert np.abs(canvas[5:5 + size[1], 7:7 + size[0]].astype(int) - expected).max() <= 1
     assert not canvas[:5].any() and not canvas[:, :7].any()  # nothing written outside the view
@@ -54,14 +57,14 @@ def test_shrinking_keeps_pillow_antialiasing():
     source = Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 260, 3), np.uint8))
     box = (1.5, 2.5, 1.5 + 100 * 1.3, 2.5 + 80 * 1.3)
     expected = np.asarray(source.resize((100, 80), Image.Resampling.BILINEAR, box=box))
-    assert np.array_equal(wsi.resample_image(source, box, (100, 80)), expected)
+    assert np.array_equal(resample_image(source, box, (100, 80)), expected)
 
 
 def record_decodes(monkeypatch) -> tuple[Counter, list[int]]:
     """Count every tile decode by (level, index, shrink), and the reader's cache size after each `forget`."""
     decodes: Counter = Counter()
     kept_after_forget: list[int] = []
-    decode, forget, close = wsi.TiffJpegReader._decode, wsi.TiffJpegReader.forget, wsi.TiffJpegReader.close
+    decode, forget, close = TiffJpegReader.decode_tile, TiffJpegReader.forget, TiffJpegReader.close
 
     def counting_decode(self, level, index, shrink):
         decodes[(level, index, shrink)] += 1
@@ -75,9 +78,9 @@ def record_decodes(monkeypatch) -> tuple[Counter, list[int]]:
         kept_after_forget.append(len(self.decoded))  # what the last cell left
         close(self)
 
-    monkeypatch.setattr(wsi.TiffJpegReader, "_decode", counting_decode)
-    monkeypatch.setattr(wsi.TiffJpegReader, "close", recording_close)
-    monkeypatch.setattr(wsi.TiffJpegReader, "forget", recording_forget)
+    monkeypatch.setattr(TiffJpegReader, "decode_tile", counting_decode)
+    monkeypatch.setattr(TiffJpegReader, "close", recording_close)
+    monkeypatch.setattr(TiffJpegReader, "forget", recording_forget)
     return decodes, kept_after_forget
 
 
@@ -96,7 +99,7 @@ def test_each_source_tile_is_decoded_once_and_the_cache_stays_bounded(two_by_two
 
 
 def test_forget_keeps_only_tiles_right_of_or_below_the_next_reads(two_by_two_slide):
-    info, reader = wsi._open(two_by_two_slide, None, "tifffile")
+    reader = open_slide(two_by_two_slide, reader="tifffile")
     try:
         across = -(-reader.level_dimensions[0][0] // 256)
         reader.read(0, 0, 0, 1200, 1100)  # tiles of rows 0-4 and columns 0-4
@@ -121,9 +124,9 @@ def test_mask_rule_reads_only_the_blocks_under_kept_tiles(corner_slide, monkeypa
     # the kept tiles cover ~1152x1152 standardised px: 5x5 of the slide's 17x16 source tiles of 256 px are decoded
     assert 0 < len(level0) <= 36 < 0.15 * total
     # and each kept tile has the pixels of a whole-cell read
-    info, reader = wsi._open(corner_slide, None, "auto")
+    reader = open_slide(corner_slide)
     try:
-        whole = wsi._Grid(info, reader).read_cell(0, 0, wsi.XL_SIDE, wsi.XL_SIDE)
+        whole = StandardSlide(reader).read_cell(XLCell(0, 0, 0, 0, XL_SIDE, XL_SIDE))
     finally:
         reader.close()
     for tile in tiles:
@@ -169,9 +172,9 @@ def test_release_rule_skips_cells_a_coarser_level_decides(tmp_path, monkeypatch)
     decodes, _ = record_decodes(monkeypatch)
     tiles = list(iter_slide_tiles(path, slide_stem="pair", rule=release))
     previewed = {key for key in decodes if key[0] == 0}
-    assert tiles and {t.x_index * t.side // wsi.XL_SIDE for t in tiles} == {1}  # only cell (1, 0) is kept
+    assert tiles and {t.x_index * t.side // XL_SIDE for t in tiles} == {1}  # only cell (1, 0) is kept
     decodes.clear()
-    monkeypatch.setattr(wsi._Grid, "preview_colour", lambda *args: None)
+    monkeypatch.setattr(StandardSlide, "preview_colour", lambda *args: None)
     unpreviewed = list(iter_slide_tiles(path, slide_stem="pair", rule=release))
     whole = {key for key in decodes if key[0] == 0}
     assert [t.image_id for t in unpreviewed] == [t.image_id for t in tiles]

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cpia_hf.dataset.slides import iter_slide_tiles
+from cpia_hf.dataset.slide.tiles import iter_slide_tiles
 from cpia_hf.dataset.tissue import TissueRule
 from cpia_hf.dataset.units import ConvertOptions
 from cpia_hf.demo.synth import FAINT, he_like_image, tissue_truth, write_slide
