@@ -51,31 +51,35 @@ class StandardSlide:
         rows_per_band = max(1, int(BAND_SOURCE_PIXELS / (self.source.level_dimensions[level][0] * step)))
         columns_per_piece = max(1, int(BAND_SOURCE_PIXELS / (rows_per_band * step * step)))
         thumbnail = np.empty((mask_h, mask_w, 3), np.uint8)
+        losses: list[tuple[int, int, int, int, int, str]] = []  # (left, top, right, bottom, squares, error) per piece
         for top in range(0, mask_h, rows_per_band):
             bottom = min(mask_h, top + rows_per_band)
             for left in range(0, mask_w, columns_per_piece):
                 right = min(mask_w, left + columns_per_piece)
-                self._thumbnail_piece(thumbnail, level, step, left, top, right, bottom)
+                losses += self._thumbnail_piece(thumbnail, level, step, left, top, right, bottom)
             self.source.forget(level, math.inf, bottom * step - CACHE_MARGIN)
         self.source.forget(level, math.inf, math.inf)
+        if losses:
+            self._report_thumbnail_losses(losses)
         return thumbnail
 
-    def _thumbnail_piece(self, thumbnail: np.ndarray, level: int, step: float,
-                         left: int, top: int, right: int, bottom: int) -> None:
+    def _thumbnail_piece(self, thumbnail: np.ndarray, level: int, step: float, left: int, top: int, right: int,
+                         bottom: int) -> list[tuple[int, int, int, int, int, str]]:
         """Fill thumbnail[top:bottom, left:right]. When the piece cannot be read (a corrupt tile), its
-        MASK_PX x MASK_PX squares are read one by one and the unreadable ones become glass (no tissue),
-        reported to `on_error`; without `on_error` the error propagates."""
+        MASK_PX x MASK_PX squares are read one by one and the unreadable ones become glass (no tissue);
+        returns the loss (none or one entry) for `on_error`; without `on_error` the error propagates."""
         def read(x0: int, y0: int, x1: int, y1: int) -> None:
             box = (x0 * step, y0 * step, x1 * step, y1 * step)
             thumbnail[y0:y1, x0:x1] = resample_region(self.source, level, box, (x1 - x0, y1 - y0), Image.Resampling.BOX)
 
         try:
-            return read(left, top, right, bottom)
+            read(left, top, right, bottom)
+            return []
         except Exception:
             self.source.recover()
             if self.on_error is None:
                 raise
-        lost = 0
+        lost, reason = 0, ""
         for y0 in range(top, bottom, MASK_PX):
             for x0 in range(left, right, MASK_PX):
                 x1, y1 = min(right, x0 + MASK_PX), min(bottom, y0 + MASK_PX)
@@ -85,12 +89,19 @@ class StandardSlide:
                     self.source.recover()
                     thumbnail[y0:y1, x0:x1] = 255
                     lost += 1
-                    reason = f"{type(error).__name__}: {error}"
-        if lost:
-            f, square = self.scale * MASK_PX, MASK_PX * MASK_PX
-            self.on_error(f"thumbnail region x={left * f:.0f} y={top * f:.0f} w={(right - left) * f:.0f} "
-                          f"h={(bottom - top) * f:.0f}: {lost} square(s) of {square}x{square} standardised px "
-                          f"unreadable, taken as glass ({reason})")
+                    reason = reason or f"{type(error).__name__}: {error}"
+        return [(left, top, right, bottom, lost, reason)] if lost else []
+
+    def _report_thumbnail_losses(self, losses: list[tuple[int, int, int, int, int, str]]) -> None:
+        """One line for every unreadable part of the thumbnail: the region they span, how many squares, the first
+        error."""
+        f, square = self.scale * MASK_PX, MASK_PX * MASK_PX
+        left, top = min(loss[0] for loss in losses), min(loss[1] for loss in losses)
+        right, bottom = max(loss[2] for loss in losses), max(loss[3] for loss in losses)
+        lost = sum(loss[4] for loss in losses)
+        self.on_error(f"thumbnail region x={left * f:.0f} y={top * f:.0f} w={(right - left) * f:.0f} "
+                      f"h={(bottom - top) * f:.0f}: {lost} square(s) of {square}x{square} standardised px "
+                      f"unreadable, taken as glass ({losses[0][5]})")
 
     def preview_colour(self, x: int, y: int, width: int, height: int) -> Colour | None:
         """Mean colour of the standardised rectangle from a pyramid level at least PREVIEW_SHRINK times coarser than

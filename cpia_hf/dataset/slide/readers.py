@@ -236,26 +236,27 @@ def open_slide(path: Path | str, mpp_override: float | None = None, *, reader: R
     try:
         mpp = slide_mpp(path, slide, mpp_override)
         check_size(path, slide.dimensions, mpp)
-        pages = None
-        if reader != "openslide":
-            try:
-                pages = tiff_jpeg_pages(path, slide)
-            except (tifffile.TiffFileError, OSError, ValueError) as error:
-                raise SlideError(path, f"cannot read TIFF structure ({type(error).__name__}: {error})") from error
-            if pages is None and reader == "tifffile":
-                raise SlideError(path, "not a JPEG-tiled TIFF slide: the tifffile reader cannot serve it")
+        try:
+            levels = tiff_levels(path, slide)
+        except (tifffile.TiffFileError, OSError, ValueError) as error:
+            raise SlideError(path, f"cannot read TIFF structure ({type(error).__name__}: {error})") from error
+        fast = levels is not None and reader != "openslide" and all(is_jpeg_rgb(page) for page in levels[1])
+        if levels is not None and not fast:
+            levels[0].close()
+        if not fast and reader == "tifffile":
+            raise SlideError(path, "not a JPEG-tiled TIFF slide: the tifffile reader cannot serve it")
     except Exception:
         slide.close()
         raise
     width, height = slide.dimensions
     scale = STANDARD_MPP / mpp
-    kind = TiffJpegReader.name if pages is not None else OpenSlideReader.name
+    kind = TiffJpegReader.name if fast else OpenSlideReader.name
     info = SlideInfo(path, width, height, mpp, int(width / scale), int(height / scale), kind)
-    if pages is None:
+    if not fast:
         return OpenSlideReader(info, slide)
     downsamples = slide.level_downsamples
     slide.close()
-    return TiffJpegReader(info, *pages, downsamples)
+    return TiffJpegReader(info, *levels, downsamples)
 
 
 def open_slide_info(path: Path | str, mpp_override: float | None = None, *, reader: ReaderName = "auto") -> SlideInfo:
@@ -265,29 +266,52 @@ def open_slide_info(path: Path | str, mpp_override: float | None = None, *, read
     return opened.info
 
 
-def tiff_jpeg_pages(path: Path, slide: openslide.OpenSlide) -> tuple[tifffile.TiffFile, list[tifffile.TiffPage]] | None:
-    """The open TIFF and its page for each OpenSlide level when every level is a JPEG-tiled RGB page of a vendor
-    the fast path serves, else None; SlideError when a level's tile data runs past the end of the file."""
+def tiff_levels(path: Path, slide: openslide.OpenSlide) -> tuple[tifffile.TiffFile, list[tifffile.TiffPage]] | None:
+    """For a slide OpenSlide reads as a TIFF (FAST_PATH_VENDORS), the open TIFF and the tiled page of each level,
+    its header checked (`check_tiff_level`); None for other formats or when a level has no tiled page."""
     if slide.properties.get(openslide.PROPERTY_NAME_VENDOR) not in FAST_PATH_VENDORS:
         return None
     tif = tifffile.TiffFile(path)
-    by_size = {}
-    for page in tif.pages:
-        if (page.is_tiled and page.compression == JPEG and page.photometric in (RGB, YCBCR)
-                and page.samplesperpixel == 3 and page.bitspersample == 8 and page.planarconfig == 1 and page.imagedepth == 1):
-            by_size.setdefault((page.imagewidth, page.imagelength), page)
-    pages = [by_size.get(size) for size in slide.level_dimensions]
-    if any(page is None for page in pages):
-        tif.close()
-        return None
-    file_size = os.path.getsize(path)
-    for page in pages:
-        end = max(o + c for o, c in zip(page.dataoffsets, page.databytecounts))
-        if end > file_size:
+    try:
+        by_size = {}
+        for page in tif.pages:
+            if page.is_tiled:
+                by_size.setdefault((page.imagewidth, page.imagelength), page)
+        pages = [by_size.get(size) for size in slide.level_dimensions]
+        if any(page is None for page in pages):
             tif.close()
-            raise SlideError(path, f"file truncated: tile data of a {page.imagewidth}x{page.imagelength} "
-                                   f"level ends at byte {end}, file has {file_size}")
+            return None
+        file_size = os.path.getsize(path)
+        for page in pages:
+            check_tiff_level(path, page, file_size)
+    except Exception:
+        tif.close()
+        raise
     return tif, pages
+
+
+def is_jpeg_rgb(page: tifffile.TiffPage) -> bool:
+    """Whether the fast reader decodes this page: JPEG tiles of 8-bit RGB (or YCbCr) pixels, interleaved."""
+    return (page.compression == JPEG and page.photometric in (RGB, YCBCR) and page.samplesperpixel == 3
+            and page.bitspersample == 8 and page.planarconfig == 1 and page.imagedepth == 1)
+
+
+def check_tiff_level(path: Path, page: tifffile.TiffPage, file_size: int) -> None:
+    """Refuse, from the header, a level that is greyscale, whose tile table is shorter than its claimed size needs,
+    or whose tile data runs past the end of the file."""
+    if page.samplesperpixel == 1:
+        raise SlideError(path, f"greyscale image ({page.photometric.name.lower()}, one sample per pixel), not an H&E "
+                               f"colour scan: CPIA converts H&E slides; leave it out of the catalog entry's pattern")
+    across, down = -(-page.imagewidth // page.tilewidth), -(-page.imagelength // page.tilelength)
+    needed = across * down * (page.samplesperpixel if page.planarconfig == 2 else 1)
+    if len(page.dataoffsets) < needed:
+        raise SlideError(path, f"the header claims {page.imagewidth}x{page.imagelength} px, but its tile table holds "
+                               f"{len(page.dataoffsets)} of the {needed} tiles that size needs (a damaged or edited "
+                               f"header): re-export or re-copy the slide")
+    end = max(o + c for o, c in zip(page.dataoffsets, page.databytecounts))
+    if end > file_size:
+        raise SlideError(path, f"file truncated: tile data of a {page.imagewidth}x{page.imagelength} "
+                               f"level ends at byte {end}, file has {file_size}")
 
 
 def slide_mpp(path: Path, slide: openslide.OpenSlide, mpp_override: float | None) -> float:
@@ -309,19 +333,33 @@ def metadata_mpp(path: Path, slide: openslide.OpenSlide) -> float:
     """The slide's own square-pixel MPP. A generic TIFF's MPP comes from its resolution tags, which most
     writers fill with a screen default (72 dpi = 352.78 um/px): outside MPP_RANGE it means "no MPP"."""
     properties = slide.properties
-    mpp_x = properties.get(openslide.PROPERTY_NAME_MPP_X)
+    mpp_x, mpp_y = properties.get(openslide.PROPERTY_NAME_MPP_X), properties.get(openslide.PROPERTY_NAME_MPP_Y)
     if mpp_x is None:
         raise SlideError(path, "no MPP in slide metadata and no catalog mpp")
-    mpp = float(mpp_x)
+    values = [metadata_number(path, name, value) for name, value in (("mpp-x", mpp_x), ("mpp-y", mpp_y))
+              if value is not None]
+    if not all(v > 0 for v in values):  # negative, zero or NaN: not a pixel size at all
+        kind = "negative" if any(v < 0 for v in values) else "not positive"
+        raise SlideError(path, f"invalid MPP in slide metadata (mpp-x {mpp_x}, mpp-y {mpp_y}: {kind}): give the "
+                               f"scan's MPP as the catalog entry's mpp")
+    mpp = values[0]
     from_tags = properties.get(openslide.PROPERTY_NAME_VENDOR) == "generic-tiff"
     if from_tags and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
         resolution, unit = properties.get("tiff.XResolution"), properties.get("tiff.ResolutionUnit")
         raise SlideError(path, f"no MPP in slide metadata and no catalog mpp (the TIFF resolution tags say "
                                f"{resolution} pixels per {unit}, {mpp:g} um/px: a default, not a scan)")
-    mpp_y = properties.get(openslide.PROPERTY_NAME_MPP_Y)
-    if mpp_y is not None and abs(float(mpp_y) - mpp) > 0.01 * mpp:
+    if len(values) == 2 and abs(values[1] - mpp) > 0.01 * mpp:
         raise SlideError(path, f"non-square pixels: mpp-x {mpp_x}, mpp-y {mpp_y}")
     return mpp
+
+
+def metadata_number(path: Path, name: str, value: str) -> float:
+    """A metadata MPP as a number; SlideError naming the value when it is not one."""
+    try:
+        return float(value)
+    except ValueError:
+        raise SlideError(path, f"invalid MPP in slide metadata ({name} {value!r} is not a number): give the scan's "
+                               f"MPP as the catalog entry's mpp") from None
 
 
 def check_size(path: Path, dimensions: tuple[int, int], mpp: float) -> None:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ...standard import SCALE_SIDES, stable_unit_float, tile_name
-from ..tissue import TissueRule, keeps_tile, release_surely_drops_xl, release_surely_keeps_xl
+from ..tissue import TissueRule, is_greyscale, keeps_tile, release_surely_drops_xl, release_surely_keeps_xl
 from .cells import StandardSlide
 from .grid import M_SIDE, READ_BLOCK, S_SIDE, XLCell, tile_offsets, xl_cells
 from .means import block_means, mean_colour
@@ -70,6 +70,9 @@ def iter_slide_tiles(
             slide = StandardSlide(source, on_cell_error)
         except Exception as error:  # any decoder/IO failure of the thumbnail makes the slide unusable
             raise SlideError(info.path, f"cannot read tissue thumbnail ({type(error).__name__}: {error})") from error
+        if is_greyscale(slide.thumbnail):
+            raise SlideError(info.path, "greyscale image (no pixel of the tissue thumbnail has colour), not an H&E "
+                                        "colour scan: CPIA converts H&E slides; leave it out of the catalog entry's pattern")
         for cell in xl_cells(info.std_width, info.std_height):
             yield from cell_tiles(slide, cell, slide_stem, rule, s_per_m, seed, on_cell_error)
             slide.done_with_cell(cell)
