@@ -14,7 +14,8 @@ from pathlib import Path
 
 from cpia_hf.dataset.slide.cells import StandardSlide
 from cpia_hf.dataset.slide.grid import XL_SIDE
-from cpia_hf.dataset.slide.readers import MAX_MASK_PIXELS, open_slide
+from cpia_hf.dataset.slide.header import MAX_MASK_PIXELS
+from cpia_hf.dataset.slide.readers import open_slide
 from cpia_hf.dataset.slide.tiles import iter_slide_tiles
 from cpia_hf.dataset.tissue import TissueRule
 from cpia_hf.demo.synth import write_claimed_size_tiff

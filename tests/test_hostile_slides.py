@@ -15,7 +15,8 @@ import yaml
 
 from cpia_hf.dataset.catalog import CatalogError, load_catalog
 from cpia_hf.dataset.slide.means import area_mean, integral
-from cpia_hf.dataset.slide.readers import MAX_MASK_PIXELS, MAX_SLIDE_PIXELS, SlideError, open_slide_info
+from cpia_hf.dataset.slide.header import MAX_MASK_PIXELS, MAX_SLIDE_PIXELS, SlideError
+from cpia_hf.dataset.slide.readers import open_slide_info
 from cpia_hf.dataset.slide.tiles import iter_slide_tiles
 from cpia_hf.demo.synth import he_like_image, write_claimed_size_tiff, write_slide
 
