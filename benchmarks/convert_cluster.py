@@ -71,7 +71,7 @@ def timed(sources: Path, out: Path, **kwargs) -> tuple[float, int, str]:
 
 def _warm() -> None:
     import cpia_hf.dataset.convert  # noqa: F401
-    import cpia_hf.dataset.slides  # noqa: F401
+    import cpia_hf.dataset.slide.tiles  # noqa: F401
 
 
 def warm_up(address: str) -> None:

@@ -14,7 +14,10 @@ import tifffile
 import yaml
 
 from cpia_hf.dataset.catalog import CatalogError, load_catalog
-from cpia_hf.dataset.slides import MAX_MASK_PIXELS, MAX_SLIDE_PIXELS, SlideError, iter_slide_tiles, open_slide_info
+from cpia_hf.dataset.slide.means import area_mean, integral
+from cpia_hf.dataset.slide.header import MAX_MASK_PIXELS, MAX_SLIDE_PIXELS, SlideError
+from cpia_hf.dataset.slide.readers import open_slide_info
+from cpia_hf.dataset.slide.tiles import iter_slide_tiles
 from cpia_hf.demo.synth import he_like_image, write_claimed_size_tiff, write_slide
 
 
@@ -101,15 +104,13 @@ def test_claimed_size_tiff_within_bounds_is_read(tmp_path):
 def test_wrapping_summed_area_table_gives_exact_means():
     """The colour table is unsigned and may wrap around (uint32 on slides): rectangle means stay exact
     while a rectangle's sum fits the type. Shown with uint16, whose whole-table sums wrap many times."""
-    from cpia_hf.dataset.slides import _area_mean, _integral
-
     rng = np.random.default_rng(0)
     values = rng.integers(0, 256, (120, 150, 3), dtype=np.uint8)
-    table = _integral(values, np.uint16)
+    table = integral(values, np.uint16)
     assert int(values[..., 0].astype(np.int64).sum()) > 2**16  # the table wrapped
     for column, row, columns, rows in [(0, 0, 10, 10), (37, 80, 15, 16), (140, 110, 10, 10)]:
         expected = values[row:row + rows, column:column + columns].reshape(-1, 3).mean(axis=0)
-        assert np.allclose(_area_mean(table, column, row, columns, rows), expected)
+        assert np.allclose(area_mean(table, column, row, columns, rows), expected)
 
 
 def test_hostile_slides_are_named_and_their_neighbours_convert(tmp_path):
@@ -135,3 +136,91 @@ def test_hostile_slides_are_named_and_their_neighbours_convert(tmp_path):
     shards = sorted((tmp_path / "out" / "data" / "full").rglob("*.parquet"))
     files = {f for s in shards for f in pq.read_table(s, columns=["source_file"]).column("source_file").to_pylist()}
     assert files == {"wsi/good.svs"}
+
+
+def edited_size_tiff(path, width, height):
+    """A real 2048x2048 generic tiled TIFF whose header is edited to claim width x height px."""
+    write_slide(path, he_like_image(2048, 2048, seed=1, tissue=0.9), 0.25, vendor="generic", levels=1)
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tif.pages[0].tags["ImageWidth"].overwrite(width)
+        tif.pages[0].tags["ImageLength"].overwrite(height)
+    return path
+
+
+def negative_mpp_svs(path):
+    path = write_slide(path, he_like_image(1024, 1024, seed=2, tissue=0.9), 0.25)
+    path.write_bytes(path.read_bytes().replace(b"MPP = 0.2500", b"MPP = -0.250"))
+    return path
+
+
+def greyscale_tiff(path):
+    grey = he_like_image(2048, 2048, seed=3, tissue=0.9).mean(axis=2).astype(np.uint8)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(grey, photometric="minisblack", tile=(256, 256), compression="jpeg", resolution=(4e4, 4e4),
+                  resolutionunit="CENTIMETER", metadata=None)
+    return path
+
+
+@pytest.mark.parametrize("reader", ["auto", "openslide"])
+def test_header_claiming_more_than_its_tiles_is_refused(tmp_path, reader):
+    path = edited_size_tiff(tmp_path / "claims.tiff", 65535, 65535)
+    with pytest.raises(SlideError, match=r"claims 65535x65535 px, but its tile table holds 64 of the 65536 tiles"):
+        open_slide_info(path, reader=reader)
+
+
+def test_negative_mpp_is_named_invalid_not_non_square(tmp_path):
+    path = negative_mpp_svs(tmp_path / "negative.svs")
+    with pytest.raises(SlideError, match=r"invalid MPP in slide metadata \(mpp-x -0.25, mpp-y -0.25: negative\)"):
+        open_slide_info(path)
+    assert open_slide_info(path, mpp_override=0.25).mpp == 0.25  # the catalog's MPP still serves
+
+
+def test_greyscale_slides_are_named_greyscale(tmp_path):
+    with pytest.raises(SlideError, match=r"greyscale image \(minisblack, one sample per pixel\), not an H&E"):
+        open_slide_info(greyscale_tiff(tmp_path / "grey.tiff"))
+    grey = he_like_image(2048, 2048, seed=3, tissue=0.9).mean(axis=2).astype(np.uint8)
+    as_rgb = write_slide(tmp_path / "grey-rgb.svs", np.repeat(grey[..., None], 3, axis=2), 0.25)  # R = G = B
+    with pytest.raises(SlideError, match=r"greyscale image \(no pixel of the tissue thumbnail has colour\)"):
+        list(iter_slide_tiles(as_rgb, slide_stem="grey"))
+    assert list(iter_slide_tiles(write_claimed_size_tiff(tmp_path / "glass.tiff", 4000, 4000, 0.5), slide_stem="g")) == []
+
+
+def test_an_unreadable_thumbnail_is_one_line(tmp_path):
+    """Every tile of a claimed-size TIFF is the same broken JPEG: the thumbnail, built in several bands, is all
+    glass, reported once."""
+    path = write_claimed_size_tiff(tmp_path / "broken.tiff", 8000, 8000, 0.25)
+    with tifffile.TiffFile(path) as tif:
+        offset = tif.pages[0].dataoffsets[0]
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"\x00" * 16)  # no JPEG start marker: every decode fails
+    errors = []
+    assert list(iter_slide_tiles(path, slide_stem="broken", on_cell_error=errors.append)) == []
+    info = open_slide_info(path)
+    extent = f"{info.std_width // 16 * 16 * 0.4942 / 0.25:.0f}"  # the thumbnail's whole mask pixels, in level-0 px
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"thumbnail region x=0 y=0 w={extent} h={extent}: ") and "taken as glass" in errors[0]
+
+
+def test_each_slide_fault_is_one_line_of_the_run(tmp_path):
+    sources = tmp_path / "sources" / "wsi"
+    sources.mkdir(parents=True)
+    edited_size_tiff(sources / "claims.tiff", 65535, 65535)
+    negative_mpp_svs(sources / "negative.svs")
+    greyscale_tiff(sources / "grey.tiff")
+    write_slide(sources / "good.svs", he_like_image(2048, 1536, seed=7, tissue=0.9), 0.5)
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"version": 1, "entries": [
+        {"name": "w", "kind": "wsi", "path": "wsi", "pattern": "*.*", "organ": "skin", "disease": "unknown",
+         "stain": "H&E", "field": "histopathology", "license": "unknown", "homepage": "unknown",
+         "citation": "unknown"}]}))
+    result = subprocess.run([sys.executable, "-m", "cpia_hf.cli", "convert", "--catalog", str(catalog),
+                             "--source-root", str(tmp_path / "sources"), "--out", str(tmp_path / "out"),
+                             "--no-progress", "--configs", "full"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = (result.stdout + result.stderr).splitlines()
+    for name, reason in [("wsi/claims.tiff", "tile table holds 64 of the 65536 tiles"),
+                         ("wsi/negative.svs", "invalid MPP in slide metadata"),
+                         ("wsi/grey.tiff", "greyscale image")]:
+        assert [line for line in lines if name in line] == [line for line in lines if name in line and reason in line]
+        assert len([line for line in lines if name in line]) == 1, (name, result.stdout, result.stderr)

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cpia_hf.dataset.slides import iter_slide_tiles
+from cpia_hf.dataset.slide.tiles import iter_slide_tiles
 from cpia_hf.dataset.tissue import TissueRule
 from cpia_hf.dataset.units import ConvertOptions
 from cpia_hf.demo.synth import FAINT, he_like_image, tissue_truth, write_slide
@@ -98,3 +98,26 @@ def test_tma_cores_keep_their_tiles(tmp_path):
     assert glass and not kept & glass
     centre_tiles = {(round(x * mpp / STANDARD_MPP) // 384, round(y * mpp / STANDARD_MPP) // 384) for x, y in centres}
     assert centre_tiles <= kept  # each core keeps at least the M tile at its centre
+
+
+def test_real_slide_keeps_its_tissue_and_drops_its_glass(real_slide):
+    """On the real H&E region (skin, glass on its left) the default rule keeps every M tile that is mostly
+    tissue and none that is glass; tissue is judged independently, on level 0: a pixel whose darkest channel
+    is below 200 (stain absorbs; bright glass does not)."""
+    import openslide
+
+    with openslide.OpenSlide(real_slide) as slide:
+        level0 = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    stained = level0.min(axis=2) < 200
+    everything = [t for t in iter_slide_tiles(real_slide, slide_stem="cmu", rule=TissueRule("mask", 0.0))
+                  if t.scale == "M"]
+    kept = {(t.x_index, t.y_index) for t in iter_slide_tiles(real_slide, slide_stem="cmu") if t.scale == "M"}
+    truth = {}
+    for tile in everything:
+        x0, y0 = round(tile.x), round(tile.y)
+        truth[(tile.x_index, tile.y_index)] = stained[y0:y0 + round(tile.height), x0:x0 + round(tile.width)].mean()
+        assert abs(tile.tissue_fraction - truth[(tile.x_index, tile.y_index)]) < 0.15, tile.image_id
+    tissue = {p for p, v in truth.items() if v >= 0.5}
+    glass = {p for p, v in truth.items() if v <= 0.1}
+    assert len(tissue) >= 10 and len(glass) >= 10
+    assert tissue <= kept and not kept & glass

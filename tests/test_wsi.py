@@ -11,9 +11,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cpia_hf.dataset import slides as wsi
 from cpia_hf.dataset.imageio import encode_jpeg
-from cpia_hf.dataset.slides import SlideError, iter_slide_tiles, open_slide_info
+from cpia_hf.dataset.slide.readers import SlideError, open_slide, open_slide_info
+from cpia_hf.dataset.slide.tiles import iter_slide_tiles
 from cpia_hf.dataset.tissue import (
     RELEASE_MARGIN,
     TissueRule,
@@ -313,7 +313,7 @@ def test_fast_path_reads_shared_jpeg_tables(tmp_path):
 def test_half_size_decode_stops_at_odd_level_edge(tmp_path):
     """Averaging 2 x 2 over a level of odd size: the last row and column hold only pixels inside it."""
     path = write_slide(tmp_path / "odd.svs", he_like_image(1201, 901, seed=3), 0.25, levels=1)
-    (_, fast), (_, slow) = wsi._open(path, None, "tifffile"), wsi._open(path, None, "openslide")
+    fast, slow = open_slide(path, reader="tifffile"), open_slide(path, reader="openslide")
     width, height = fast.level_dimensions[0]
     shrunk = np.asarray(fast.read(0, 0, 0, width, height, 2)).astype(int)
     averaged = np.asarray(slow.read(0, 0, 0, width, height, 2))[..., :3].astype(int)

@@ -33,6 +33,13 @@ MAX_SATURATION = 0.2
 RELEASE_MARGIN = 8.0
 # Near-black pixels (pen marks, scanner borders) are never tissue.
 MIN_BRIGHTNESS = 30
+# A greyscale image (a scan saved in grey, a fluorescence channel) has content darker than glass but no colour:
+# the saturation mask can find no tissue in it, and it is not H&E. A pixel whose channels differ by at most
+# GREY_SPREAD has no colour (JPEG's chroma error stays below it); content is a pixel whose darkest channel is
+# below CONTENT_LEVEL, and at least MIN_CONTENT of the thumbnail must be content.
+GREY_SPREAD = 4
+CONTENT_LEVEL = 200
+MIN_CONTENT = 0.01
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,13 @@ def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
     saturation = (brightest - thumbnail.min(axis=2)).astype(np.float32) / np.maximum(brightest, 1)
     threshold = float(np.clip(otsu_threshold(saturation), MIN_SATURATION, MAX_SATURATION)) if saturation.size else 0.0
     return (saturation >= threshold) & (brightest >= MIN_BRIGHTNESS)
+
+
+def is_greyscale(thumbnail: np.ndarray) -> bool:
+    """Whether an RGB thumbnail shows content (darker than glass) but no pixel with colour."""
+    darkest, brightest = thumbnail.min(axis=2), thumbnail.max(axis=2)
+    content = float((darkest < CONTENT_LEVEL).mean()) if darkest.size else 0.0
+    return content >= MIN_CONTENT and int((brightest - darkest).max()) <= GREY_SPREAD
 
 
 def keeps_tile(rule: TissueRule, scale: str, tissue_fraction: float,

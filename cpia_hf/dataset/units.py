@@ -429,7 +429,7 @@ def _empty_slide(unit: Unit, source_root: Path, options: ConvertOptions) -> list
     """Why a slide that converted without error gave no tile: too small, or no tissue under the rule."""
     if unit.entry.kind != "wsi":
         return []
-    from .slides import SlideError, open_slide_info
+    from .slide.readers import SlideError, open_slide_info
 
     file = unit.files[0]
     try:
@@ -466,7 +466,8 @@ def _unit_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Itera
 
 
 def _wsi_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Iterator[Row | Failure]:
-    from .slides import SlideError, iter_slide_tiles
+    from .slide.readers import SlideError
+    from .slide.tiles import iter_slide_tiles
     from .tissue import TissueRule  # slide readers load only where slides are converted
 
     file = unit.files[0]  # the main file of a multi-file slide (DICOM series, MIRAX, VMS)
