@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from ..atomic import OutputError
-from ..hub import DATASET_IGNORE_PATTERNS, push_folder
 from .catalog import CatalogError, default_catalog_path, load_catalog
 from .cluster import ClusterError
 from .convert import convert, print_report, select_entries
@@ -120,6 +119,7 @@ def configure_push(parser: argparse.ArgumentParser) -> None:
 
 def run_push(args: argparse.Namespace) -> int:
     """Check the licences of the folder's subsets, finish its card for the repo id, upload it."""
+    from ..hub import DATASET_IGNORE_PATTERNS, push_folder  # the Hub client only where it is used
     from .card import finalize_card, subset_licences
     from .licences import restricted_subsets
 
