@@ -6,8 +6,9 @@
 Alternates, for --repeats rounds, (a) the whole `cpia convert` on a one-entry catalog holding the
 slide, in a child process (start-up and imports, the worker, the unit, packing full + mini, the card),
 and (b) the unit of work alone (`convert_unit`: tiles of all scales, JPEG, the Parquet unit file),
-timed inside a child process after its imports. The fixed cost is the difference of the medians. Also
-prints the CPU of the imports a convert run starts with, and which heavy packages they load.
+timed inside a child process after its imports (the slide readers' too). The fixed cost is the difference of the medians. Also
+prints the CPU of the card alone (rewritten on the run's output in a child process) and of the imports a
+convert run starts with, and which heavy packages they load.
 The slide is the one benchmarks/peers.py builds (cached in --out).
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import json, resource, sys, time
 from pathlib import Path
 from cpia_hf.dataset.catalog import load_catalog
 from cpia_hf.dataset.units import ConvertOptions, convert_unit, discover_units
+import cpia_hf.dataset.slides  # noqa: F401  (the slide readers' imports are start-up, not the unit's work)
 
 def cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -42,6 +44,24 @@ catalog, work = Path(sys.argv[1]), Path(sys.argv[2])
 start = cpu()
 result = convert_unit(unit, catalog.parent, work, ConvertOptions())
 print(json.dumps(dict(cpu=cpu() - start, rows=result.rows)))
+"""
+
+CARD = """
+import json, resource, sys
+from pathlib import Path
+from cpia_hf.dataset.card import write_dataset_card
+from cpia_hf.dataset.catalog import load_catalog
+from cpia_hf.dataset.mini import DEFAULT_MINI_FRACTION
+from cpia_hf.dataset.units import ConvertOptions
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+start = cpu()
+write_dataset_card(Path(sys.argv[2]), load_catalog(Path(sys.argv[1])), configs=("full", "mini"),
+                   mini_fraction=DEFAULT_MINI_FRACTION, options=ConvertOptions())
+print(json.dumps(dict(cpu=cpu() - start)))
 """
 
 IMPORTS = """
@@ -74,7 +94,7 @@ def main() -> int:
     args = parser.parse_args()
     slide = peers.build_slide(args)
     python = str(args.python)
-    whole, unit, wall, rows = [], [], [], None
+    whole, unit, card, wall, rows = [], [], [], [], None
     with tempfile.TemporaryDirectory(prefix="cpia-fixed-") as work_dir:
         work = Path(work_dir)
         catalog = peers.convert_sources(slide, work)
@@ -89,6 +109,8 @@ def main() -> int:
             measured = unit_cpu(python, catalog, work / "unit")
             unit.append(measured["cpu"])
             rows = measured["rows"]
+            card.append(json.loads(subprocess.run([python, "-c", CARD, str(catalog), str(work / "dataset")],
+                                                  cwd=peers.REPO, capture_output=True, text=True, check=True).stdout)["cpu"])
         imports = json.loads(subprocess.run([python, "-c", IMPORTS], cwd=peers.REPO, capture_output=True, text=True,
                                             check=True).stdout)
     fixed = statistics.median(whole) - statistics.median(unit)
@@ -98,6 +120,8 @@ def main() -> int:
     print(f"  unit of work         {statistics.median(unit):6.2f} CPU-s"
           f"   rounds: {', '.join(f'{c:.2f}' for c in unit)}")
     print(f"  fixed cost           {fixed:6.2f} CPU-s (whole run minus unit of work)")
+    print(f"  of which the card    {statistics.median(card):6.2f} CPU-s (README, organ chart, galleries; rewritten alone, "
+          f"matplotlib's import included)")
     print(f"  start-up imports     {imports['cpu']:6.2f} CPU-s (python, `cpia convert` parser); heavy packages loaded: "
           f"{', '.join(imports['heavy']) or 'none'}")
     return 0
