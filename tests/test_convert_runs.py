@@ -184,11 +184,10 @@ def test_changed_file_invalidates_its_record(sources: Path, tmp_path: Path, caps
 def test_disk_full_is_one_line_and_leaves_no_temp_file(sources: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     from cpia_hf.dataset import shards
 
-    class FullDisk(shards.ParquetWriter):
-        def write_table(self, *args, **kwargs):
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shards, "ParquetWriter", FullDisk)
+    monkeypatch.setattr(shards, "write_shard_table", full_disk)
     out = tmp_path / "out"
     assert convert_cli(sources, out) == 2
     err = capsys.readouterr().err

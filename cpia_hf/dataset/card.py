@@ -19,11 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from matplotlib.figure import Figure
 from PIL import Image
 
 from ..resources import DATASET_CARD_TEMPLATE, read_resource
-from ..schema import FEATURES
+from ..schema import FEATURES_YAML
 from ..standard import FOLDERS, RELEASE_FOLDERS, SCALE_SIDES, SCALES, STANDARD_MPP, stable_unit_float
 from .catalog import CatalogEntry, subset_slug
 from .coverage import count_rows, coverage, coverage_section
@@ -113,6 +112,8 @@ CHART_SERIES = (("WSI XL", "wsi", ("XL",)), ("WSI L", "wsi", ("L",)), ("WSI M", 
 def organ_chart(counts: Counter, path: Path) -> None:
     """Grouped horizontal bars of images per organ, per WSI scale and ROIs, on a log axis (XL and ROI bars are
     orders of magnitude below M and S at real scale and would vanish on a linear one)."""
+    from matplotlib.figure import Figure  # matplotlib only where a chart is drawn
+
     organs = sorted({organ for (_, organ, _, _) in counts})
     figure = Figure(figsize=(8, 0.55 * len(organs) + 1.6), dpi=100)  # no pyplot: no global state
     axes = figure.subplots()
@@ -260,7 +261,7 @@ def write_dataset_card(
             for name, g in globs.items()
         ],
         "dataset_info": [
-            {"config_name": name, "features": FEATURES._to_yaml_list(),
+            {"config_name": name, "features": FEATURES_YAML,
              "splits": [{"name": "train", "num_bytes": info["num_bytes"], "num_examples": info["num_examples"]}],
              "download_size": info["download_size"], "dataset_size": info["num_bytes"]}
             for name, info in infos.items()

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from ..atomic import OutputError
-from ..hub import DATASET_IGNORE_PATTERNS, push_folder
 from .catalog import CatalogError, default_catalog_path, load_catalog
 from .cluster import ClusterError
 from .convert import convert, print_report, select_entries
@@ -139,7 +138,7 @@ def run_push(args: argparse.Namespace) -> int:
     """Check the licences of the folder's subsets, upload the folder with the card rendered for the repo id.
 
     Resumable: a rerun after an interruption skips what earlier runs committed (see cpia_hf.hub)."""
-    from ..hub import HubError
+    from ..hub import DATASET_IGNORE_PATTERNS, HubError, push_folder  # the Hub client only where it is used
     from .card import card_for_repo, subset_licences
     from .licences import LicenceRefused, clear_for_push
 

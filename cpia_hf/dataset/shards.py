@@ -1,8 +1,9 @@
 """Packing of unit files into the published Parquet shards `data/full/<XL|L|M|S>/<subset>/<subset>-NNNNN.parquet`
 (the mini config is mixed across subsets afterwards, see `cpia_hf.dataset.mini.pack_mixed`).
 
-Shards are written with `datasets`' ParquetWriter (typed `huggingface` schema metadata, page index,
-content-defined chunking so re-uploads deduplicate on the Hub's storage). Sizes, chosen for the Hub:
+Shards are written as `datasets`' ParquetWriter writes them (`cpia_hf.schema.open_shard_writer`: typed
+`huggingface` schema metadata, page index, content-defined chunking so re-uploads deduplicate on the
+Hub's storage). Sizes, chosen for the Hub:
 - row groups close at 64 MiB of rows: far below the viewer's ~286 MiB uncompressed limit per row
   group and several of them fit in the 300 MB it scans, so the first rows show quickly even for
   XL tiles, the largest images;
@@ -30,10 +31,9 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from datasets.arrow_writer import ParquetWriter
 
 from ..atomic import FREE_SPACE_MARGIN, atomic_path, output_errors, require_free_space, write_atomic
-from ..schema import COLUMNS, FEATURES
+from ..schema import COLUMNS, open_shard_writer, write_shard_table
 from ..standard import FOLDER_OF_SCALE, FOLDERS
 from .stamps import FileStamp
 from .units import ROW_GROUP_BYTES, RowGroupBytes, read_record
@@ -89,7 +89,7 @@ class ShardSeries:
         self.first_index = first_index
         self.written: list[Path] = []
         self.rows = 0
-        self._writer: ParquetWriter | None = None
+        self._writer: pq.ParquetWriter | None = None
         self._final: Path | None = None
         self._stack = ExitStack()  # holds the open shard's atomic_path
         self._pending: list[pa.Table] = []  # rows of the open row group
@@ -122,18 +122,18 @@ class ShardSeries:
             self._final = self.folder / shard_name(self.slug, self.first_index + len(self.written))
             tmp = self._stack.enter_context(atomic_path(self._final))
             with output_errors(self._final):
-                self._writer = ParquetWriter(path=str(tmp), features=FEATURES)
+                self._writer = open_shard_writer(tmp)
         table = pa.concat_tables(self._pending)
         with output_errors(self._final):
             require_free_space(self.folder, 2 * image_bytes + FREE_SPACE_MARGIN)
-            self._writer.write_table(table, writer_batch_size=table.num_rows)
+            write_shard_table(self._writer, table, table.num_rows)
         self.rows += table.num_rows
         self._pending = []
 
     def _close_shard(self) -> None:
         with output_errors(self._final):
             require_free_space(self.folder, FREE_SPACE_MARGIN)
-            self._writer.finalize()
+            self._writer.close()
         self._stack.close()  # renames the temporary file to the shard
         self.written.append(self._final)
         self._writer = None

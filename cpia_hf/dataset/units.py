@@ -22,11 +22,10 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasets.arrow_writer import get_parquet_column_options
 
 from .. import __version__
 from ..atomic import FREE_SPACE_MARGIN, atomic_path, output_errors, require_free_space, write_atomic
-from ..schema import FEATURES
+from ..schema import ARROW_SCHEMA, COLUMN_OPTIONS
 from ..standard import FOLDER_OF_SCALE, SCALE_SIDES, STANDARD_MPP
 from .catalog import CatalogEntry, folder_safe, subset_slug
 from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
@@ -44,7 +43,7 @@ NOT_UTF8 = "file name is not valid UTF-8: rename it to convert it"
 # Internal columns of unit files: grid indices of a WSI tile at its own scale, whether a ROI belongs to its
 # source's training split, and the image's size in bytes (what shard planning reads instead of the images).
 # They are dropped when shards are packed.
-UNIT_SCHEMA = pa.schema([*FEATURES.arrow_schema, pa.field("_ix", pa.int32()), pa.field("_iy", pa.int32()),
+UNIT_SCHEMA = pa.schema([*ARROW_SCHEMA, pa.field("_ix", pa.int32()), pa.field("_iy", pa.int32()),
                          pa.field("_train", pa.bool_()), pa.field("_size", pa.int32())])
 # Unit files keep each scale folder's rows in row groups of their own and carry `_size`; a record of a unit file
 # written otherwise (an older version) is not reused.
@@ -56,8 +55,8 @@ def _unit_column_options() -> dict:
     """Parquet column options of unit files: those `datasets` gives the published shards (image bytes PLAIN and
     uncompressed: JPEG bytes neither compress nor repeat, so a dictionary only slows reading a unit file), the
     internal columns dictionary-encoded and snappy-compressed like the other metadata."""
-    options = get_parquet_column_options(FEATURES, FEATURES.arrow_schema)
-    for name in UNIT_SCHEMA.names[len(FEATURES):]:
+    options = {key: value.copy() for key, value in COLUMN_OPTIONS.items()}
+    for name in UNIT_SCHEMA.names[len(ARROW_SCHEMA):]:
         options["compression"][name] = "snappy"
         options["use_dictionary"].append(name)
     return options
