@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..lifetime import RunGuard, current_guard, guarded_by
 
 logger = logging.getLogger(__name__)
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
@@ -59,10 +60,12 @@ def task_key(fn: Callable, args: tuple, desc: str) -> str:
     return f"cpia-{desc.replace(' ', '-')}-{tokenize(fn.__module__, fn.__qualname__, args)}"
 
 
-def _run(fn: Callable, args: tuple):
-    """Runs on a worker: a Python error is returned (and logged there), as the local executor does."""
+def _run(fn: Callable, args: tuple, guard: RunGuard | None = None):
+    """Runs on a worker: a Python error is returned (and logged there), as the local executor does. Its
+    files are renamed into place only while the submitting run still holds the output lock (`guard`)."""
     try:
-        return fn(*args)
+        with guarded_by(guard):
+            return fn(*args)
     except Exception as error:
         logger.exception("%s failed", fn.__name__)
         return error
@@ -117,7 +120,8 @@ class DaskExecutor:
         from distributed import as_completed
 
         keys = [task_key(fn, args, desc) for args in arg_tuples]
-        futures = self.client.map(_run, [fn] * len(arg_tuples), arg_tuples, key=keys, pure=True)
+        guards = [current_guard()] * len(arg_tuples)  # not part of the keys: a rerun's task is the same task
+        futures = self.client.map(_run, [fn] * len(arg_tuples), arg_tuples, guards, key=keys, pure=True)
         index = {future.key: k for k, future in enumerate(futures)}
         results: list = [None] * len(futures)
         failed = rows = 0

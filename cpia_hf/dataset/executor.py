@@ -26,6 +26,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from ..atomic import OutputError
+from ..lifetime import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class LocalExecutor:
         todo = deque(range(len(jobs)))
         suspects: list[int] = []
         while todo:
-            with ProcessPoolExecutor(max_workers=self.workers) as pool:
+            with ProcessPoolExecutor(max_workers=self.workers, initializer=die_with_parent) as pool:
                 running: dict[Future, int] = {}
                 broken = False
                 while (todo or running) and not broken:
@@ -136,6 +137,7 @@ def run_alone(fn: Callable, args: tuple):
 
 
 def _child(sender, fn: Callable, args: tuple) -> None:
+    die_with_parent()
     sender.send((_call(fn, args),))
     sender.close()
 
