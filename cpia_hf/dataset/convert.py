@@ -115,19 +115,26 @@ def convert(
 def _discover(entries: list[CatalogEntry], source_root: Path, out_dir: Path, report: ConvertReport) -> list[Unit]:
     """The units of all entries; missing source folders and non-files go into the report."""
     units: list[Unit] = []
+    outputs: dict[Path, int] = {}  # cpia output folders found inside source folders -> files matched there
     for entry in entries:
         skipped: list[dict] = []
         try:
-            units.extend(discover_units(entry, source_root, skipped=skipped))
+            units.extend(discover_units(entry, source_root, skipped=skipped, out_dir=out_dir, outputs_found=outputs))
         except FileNotFoundError as error:
             report.missing.append(str(error))
         report.skipped.extend({"subset": entry.name, **s} for s in skipped)
+    report.skipped.extend(_output_folder_note(folder, n) for folder, n in sorted(outputs.items()))
     if report.missing:
         write_atomic(out_dir / MISSING_LIST, ("\n".join(report.missing) + "\n").encode())
     else:
         (out_dir / MISSING_LIST).unlink(missing_ok=True)
     report.units = len(units)
     return units
+
+
+def _output_folder_note(folder: Path, files: int) -> dict:
+    return {"subset": "sources", "file": str(folder),
+            "reason": f"a cpia output folder inside the sources: its {files} matching file(s) are not read as sources"}
 
 
 def _convert_units(

@@ -21,7 +21,7 @@ from ..atomic import TEMP_GLOB, OutputError, output_errors, write_atomic
 from ..lifetime import holding_output, released_output
 from .units import read_record
 
-LOCK_FILE = ".work/convert.lock"
+LOCK_FILE = ".work/convert.lock"  # its `.work` folder also marks an output folder (sources.OutputFolders)
 
 
 class OutputLocked(OutputError):

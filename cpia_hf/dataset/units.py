@@ -30,6 +30,7 @@ from .catalog import CatalogEntry, folder_safe, subset_slug
 from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
 from .roi import DEFAULT_MAX_PIXELS, RoiError, convert_roi
 from .slidefiles import group_slide_files
+from .sources import OutputFolders
 from .tissue import RuleName
 
 ROW_GROUP_BYTES = 64 * 1024 * 1024
@@ -110,18 +111,26 @@ class UnitResult:
 
 
 def discover_units(
-    entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_CHUNK_FILES, skipped: list[dict] | None = None
+    entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_CHUNK_FILES, skipped: list[dict] | None = None,
+    out_dir: Path | None = None, outputs_found: dict[Path, int] | None = None,
 ) -> list[Unit]:
     """The units of one catalog entry, in a stable order (sorted relative paths).
 
     Paths that match the pattern but are no regular file (a dangling symlink, a folder) are appended
-    to `skipped` as {"file", "reason"}.
+    to `skipped` as {"file", "reason"}. Files inside `out_dir` or another cpia output folder are not
+    sources: they are counted per output folder in `outputs_found`.
     """
     folder = source_root / entry.path
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: source folder of '{entry.name}' not found")
     files = []
+    outputs = OutputFolders(folder, own=out_dir)
     for path in sorted(folder.glob(entry.pattern)):
+        output = outputs.of(path)
+        if output is not None:
+            if outputs_found is not None:
+                outputs_found[output] = outputs_found.get(output, 0) + 1
+            continue
         relative = path.relative_to(source_root).as_posix()
         if path.is_file():
             files.append(relative)
