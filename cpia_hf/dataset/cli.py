@@ -35,6 +35,9 @@ def configure_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mini-fraction", type=float, default=DEFAULT_MINI_FRACTION,
                         help="share of WSI grid cells taken into mini")
     parser.add_argument("--seed", type=int, default=ConvertOptions.seed)
+    parser.add_argument("--roi-memory-gb", type=float, default=ConvertOptions.roi_memory_gb, metavar="GB",
+                        help="memory a worker may spend decoding one ROI image, checked from its header before "
+                             "decoding; a larger image is refused and named (default: %(default)s)")
     parser.add_argument("--verify-shards", action="store_true",
                         help="check the SHA-256 of every published shard (default: of those whose size or time changed)")
     parser.add_argument("--no-progress", action="store_true")
@@ -49,6 +52,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         min_tissue_fraction=args.min_tissue_fraction,
         s_per_m=args.s_per_m,
         seed=args.seed,
+        roi_memory_gb=args.roi_memory_gb,
     )
 
 

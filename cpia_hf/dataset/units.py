@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +28,7 @@ from ..schema import FEATURES
 from ..standard import FOLDER_OF_SCALE, SCALE_SIDES, STANDARD_MPP
 from .catalog import CatalogEntry, folder_safe, subset_slug
 from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
-from .roi import DEFAULT_MAX_PIXELS, RoiError, convert_roi
+from .roi import DEFAULT_MAX_PIXELS, DEFAULT_ROI_MEMORY_GB, RoiError, convert_roi
 from .slidefiles import group_slide_files
 from .sources import OutputFolders
 from .tissue import RuleName
@@ -88,6 +88,9 @@ class ConvertOptions:
     s_per_m: int = 1
     seed: int = 0
     max_roi_pixels: int = DEFAULT_MAX_PIXELS
+    # Not part of a unit's fingerprint: it only refuses files (failures are retried on every run), it never
+    # changes a converted row.
+    roi_memory_gb: float = field(default=DEFAULT_ROI_MEMORY_GB, metadata={"fingerprint": False})
 
 
 @dataclass(frozen=True)
@@ -185,9 +188,13 @@ def fingerprint(unit: Unit, source_root: Path, options: ConvertOptions) -> str:
         except OSError:
             stats.append((f, None, None))
     payload = json.dumps(
-        [__version__, unit.entry.to_dict(), asdict(options), unit.unit_id, stats], sort_keys=True, default=str
+        [__version__, unit.entry.to_dict(), _fingerprinted(options), unit.unit_id, stats], sort_keys=True, default=str
     )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _fingerprinted(options: ConvertOptions) -> dict:
+    return {f.name: getattr(options, f.name) for f in fields(options) if f.metadata.get("fingerprint", True)}
 
 
 def unit_paths(work_dir: Path, unit: Unit) -> tuple[Path, Path]:
@@ -387,7 +394,7 @@ def _roi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: 
             failures.append({"file": display_name(file), "reason": NOT_UTF8})
             continue
         try:
-            roi = convert_roi(path, max_pixels=options.max_roi_pixels)
+            roi = convert_roi(path, max_pixels=options.max_roi_pixels, memory_gb=options.roi_memory_gb)
             image_bytes = encode_jpeg(roi.pixels, options.jpeg_quality)
         except RoiError as error:
             failures.append({"file": file, "reason": error.reason})
