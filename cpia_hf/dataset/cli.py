@@ -12,7 +12,7 @@ from .cluster import ClusterError
 from .convert import convert, print_report, select_entries
 from .mini import DEFAULT_MINI_FRACTION
 from .tissue import RULES
-from .units import ConvertOptions
+from .units import ConvertOptions, printable
 
 
 def configure_convert(parser: argparse.ArgumentParser) -> None:
@@ -79,10 +79,10 @@ def run_convert(args: argparse.Namespace) -> int:
             verify_shards=args.verify_shards,
         )
     except ClusterError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         return 2
     except OutputError as error:  # disk full, read-only output, a locked folder: one line, nothing left behind
-        print(f"cpia convert: error: {error}", file=sys.stderr)
+        print(f"cpia convert: error: {printable(str(error))}", file=sys.stderr)
         return 2
     return print_report(report, args.out, verbose=getattr(args, "verbose", False))
 

@@ -33,6 +33,8 @@ from ..lifetime import RunGuard, current_guard, guarded_by
 
 logger = logging.getLogger(__name__)
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+CONNECT_TIMEOUT_S = 10.0  # a scheduler that does not answer within this is named at once, not after Dask's 30 s
+CLOSE_TIMEOUT_S = 5.0
 
 
 class ClusterError(Exception):
@@ -87,12 +89,14 @@ class DaskExecutor:
     def __init__(self, scheduler: str):
         self.address = resolve_scheduler(scheduler)
         self.client = None
+        self._quiet = contextlib.ExitStack()
 
     def __enter__(self) -> "DaskExecutor":
         from distributed import Client
 
+        self._quiet = _quiet_distributed()
         try:
-            self.client = Client(self.address, set_as_default=False)  # timeout: distributed.comm.timeouts.connect
+            self.client = Client(self.address, set_as_default=False, timeout=connect_timeout())
         except (OSError, TimeoutError) as error:
             raise ClusterError(f"cannot reach the Dask scheduler at {self.address}: {error}") from error
         try:
@@ -112,8 +116,10 @@ class DaskExecutor:
 
     def __exit__(self, *exc) -> None:
         if self.client is not None:
-            self.client.close()
+            with contextlib.suppress(Exception):  # also when the scheduler is gone
+                self.client.close(timeout=CLOSE_TIMEOUT_S)
             self.client = None
+        self._quiet.close()
 
     def map(self, fn: Callable, arg_tuples: list[tuple], desc: str, progress: bool) -> list:
         """`fn(*args)` for every tuple on the cluster, in order; a failed task gives its exception."""
@@ -126,7 +132,7 @@ class DaskExecutor:
         results: list = [None] * len(futures)
         failed = rows = 0
         bar = tqdm(total=len(futures), desc=desc, unit="unit", disable=not progress, file=sys.stderr)
-        for future in as_completed(futures, loop=self.client.loop):
+        for future in _while_connected(as_completed(futures, loop=self.client.loop), self.client, self.address):
             result = _outcome(future)
             results[index[future.key]] = result
             failed += isinstance(result, BaseException)
@@ -136,6 +142,44 @@ class DaskExecutor:
             future.release()
         bar.close()
         return results
+
+
+def connect_timeout() -> float:
+    """Seconds to wait for the scheduler: distributed.comm.timeouts.connect, at most CONNECT_TIMEOUT_S."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    return min(CONNECT_TIMEOUT_S, parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s"))
+
+
+def _quiet_distributed() -> contextlib.ExitStack:
+    """Dask's own log lines (a lost connection logs tracebacks) hidden unless -v: the run says what failed in one
+    line. Closing the returned stack restores the level."""
+    import distributed  # noqa: F401  (its loggers exist, with the levels its configuration gives them)
+
+    stack = contextlib.ExitStack()
+    if logger.isEnabledFor(logging.INFO):
+        return stack
+    names = ["distributed"] + [n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]
+    for dask_logger in map(logging.getLogger, names):
+        stack.callback(dask_logger.setLevel, dask_logger.level)
+        dask_logger.setLevel(logging.CRITICAL)
+    return stack
+
+
+def _while_connected(completed, client, address: str):
+    """The futures of `completed` as they finish; ClusterError naming the scheduler once the client has lost it
+    (Dask cancels every future then, and would otherwise leave the run waiting)."""
+    iterator = iter(completed)
+    while True:
+        try:
+            future = next(iterator)
+        except StopIteration:
+            return
+        if client.status != "running" or future.status == "cancelled":
+            raise ClusterError(f"lost the connection to the Dask scheduler at {address} (scheduler stopped or "
+                               "unreachable); rerun the same command to resume")
+        yield future
 
 
 def _outcome(future):

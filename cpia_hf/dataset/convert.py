@@ -9,7 +9,7 @@ from typing import Iterable
 
 from ..atomic import OutputError, write_atomic
 from .catalog import CatalogEntry, subset_slug
-from .coverage import Coverage, count_rows, coverage, coverage_markdown
+from .coverage import Coverage, count_rows, coverage, coverage_markdown, unreadable_shards
 from .executor import LocalExecutor as _Executor  # the local executor; cluster runs use another with its interface
 from .executor import WorkerKilled
 from .mini import (
@@ -40,6 +40,7 @@ from .units import (
     UnitResult,
     convert_unit,
     discover_units,
+    printable,
     read_record,
     unit_paths,
 )
@@ -100,6 +101,8 @@ def convert(
         with _executor(workers, scheduler) as executor:
             _convert_units(executor, units, source_root, out_dir / ".work", options, progress, report)
             _pack(executor, entries, units, out_dir, configs, options, mini_fraction, verify_shards, progress, report)
+            if not verify_shards and unreadable_shards(out_dir / "data"):  # damage under an unchanged size and time
+                _pack(executor, entries, units, out_dir, configs, options, mini_fraction, True, progress, report)
         report.empty = not any(n for rows in report.rows.values() for n in rows.values())
         if report.empty:  # nothing to publish: no card that declares no config
             return report
@@ -308,20 +311,21 @@ def select_entries(entries: list[CatalogEntry], subsets: str | None) -> list[Cat
 def print_report(report: ConvertReport, out_dir: Path, verbose: bool = False) -> int:
     """Summary for the terminal; the exit status is 1 when any file failed or no row was built."""
     for config, rows in report.rows.items():
-        print(f"{config}: " + ", ".join(f"{folder} {n} rows" for folder, n in sorted(rows.items())))
+        print(f"{config}: " + (", ".join(f"{folder} {n} rows" for folder, n in sorted(rows.items())) or "no rows"))
     print(f"units: {report.units} ({report.skipped_units} already done)")
-    _print_missing(report.missing, out_dir, verbose)
+    _print_missing([printable(line) for line in report.missing], out_dir, verbose)
     for skipped in report.skipped:
-        print(f"skipped: [{skipped['subset']}] {skipped['file']}: {skipped['reason']}")
+        print(f"skipped: [{skipped['subset']}] {printable(skipped['file'])}: {printable(skipped['reason'])}")
     for damage in report.repaired:
-        print(f"rebuilt damaged shard {damage}")
+        print(f"rebuilt damaged shard {printable(damage)}")
     if report.coverage:
         print("coverage of the release (built / released):")
         print(coverage_markdown(report.coverage), end="")
     if report.failures:
         print(f"FAILED: {len(report.failures)} file(s) could not be converted (the rest was):", file=sys.stderr)
         for failure in report.failures:
-            print(f"  [{failure['subset']}] {failure['file']}: {failure['reason']}", file=sys.stderr)
+            print(f"  [{failure['subset']}] {printable(failure['file'])}: {printable(failure['reason'])}",
+                  file=sys.stderr)
         return 1
     if report.empty:
         print(f"error: no rows were built from the sources (see above); no dataset card written to {out_dir}",

@@ -149,7 +149,7 @@ def _call(fn: Callable, args: tuple):
     except OutputError as error:  # the caller stops the run and prints it in one line
         return error
     except Exception as error:  # one unit's unexpected error must not stop the others
-        logger.exception("%s failed", getattr(fn, "__name__", fn))
+        logger.info("%s failed", getattr(fn, "__name__", fn), exc_info=True)  # the summary names it; -v: traceback
         return _picklable(error)
 
 

@@ -173,6 +173,23 @@ def display_name(file: str) -> str:
     return os.fsencode(file).decode("utf-8", "backslashreplace")
 
 
+def printable(text: str) -> str:
+    """`text` on one line with nothing a terminal acts on: control characters (newlines, escape sequences) and
+    bytes that are not UTF-8 written as backslash escapes, as Python writes them in a string's repr."""
+    text = display_name(text) if not is_utf8(text) else text
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def error_text(error: BaseException) -> str:
+    """One line for an unexpected error of one file: its type and message, or what an empty message means."""
+    text = printable(" ".join(str(error).split()))
+    if isinstance(error, MemoryError):
+        return f"out of memory while converting it{' (' + text + ')' if text else ''}: give each worker more memory"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def slide_stem(file: str) -> str:
     """Slide name used by the naming rule: the file name up to its first dot (TCGA `<barcode>.<uuid>.svs`)."""
     return Path(file).name.split(".")[0]
@@ -400,7 +417,7 @@ def _roi_rows(unit: Unit, source_root: Path, options: ConvertOptions, failures: 
             failures.append({"file": file, "reason": error.reason})
             continue
         except Exception as error:  # any other failure of one file costs only that file
-            failures.append({"file": file, "reason": f"{type(error).__name__}: {error}"})
+            failures.append({"file": file, "reason": error_text(error)})
             continue
         label = path.parent.name if entry.label_from == "parent" else None
         stem = Path(file).stem
