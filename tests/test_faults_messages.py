@@ -133,7 +133,10 @@ def test_scheduler_dying_mid_run_is_one_line(tmp_path: Path) -> None:
                 assert run.poll() is None, run.communicate()
                 time.sleep(0.2)
         os.killpg(scheduler.pid, signal.SIGKILL)
-        _, stderr = run.communicate(timeout=60)
+        try:
+            _, stderr = run.communicate(timeout=60)
+        finally:
+            run.kill()
     assert run.returncode == 2
     assert stderr.splitlines() == [f"error: lost the connection to the Dask scheduler at {address} (scheduler "
                                    "stopped or unreachable); rerun the same command to resume"]

@@ -66,7 +66,7 @@ class LocalExecutor:
         results: list = [None] * len(arg_tuples)
         suspects = self._run_pool(fn, arg_tuples, results, bar)
         for index in suspects:
-            logger.warning("a worker died; retrying %s job %d alone", desc, index)
+            logger.info("a worker died; retrying %s job %d alone", desc, index)  # the summary names the culprit
             results[index] = run_alone(fn, arg_tuples[index])
             bar.update()
         bar.close()
