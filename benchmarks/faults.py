@@ -81,8 +81,8 @@ class Outcome:
 class Sampler:
     """Samples the RSS of a process's descendants every 50 ms; remembers every descendant it saw."""
 
-    def __init__(self, pid: int):
-        self.pid, self.peak, self.seen, self._stop = pid, 0, {}, threading.Event()
+    def __init__(self, pid: int, only: str | None = None):
+        self.pid, self.only, self.peak, self.seen, self._stop = pid, only, 0, {}, threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 
@@ -90,6 +90,8 @@ class Sampler:
         while not self._stop.is_set():
             try:
                 for child in psutil.Process(self.pid).children(recursive=True):
+                    if self.only and self.only not in " ".join(child.cmdline()):
+                        continue
                     self.seen.setdefault(child.pid, child)
                     self.peak = max(self.peak, child.memory_info().rss)
             except psutil.Error:
@@ -407,6 +409,7 @@ class Bench:
         env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1", "CPIA_TEST_UNIT_DELAY": "1"}
         outcomes = []
+        cluster_workers = Sampler(os.getpid(), only="dask worker")  # the cluster's workers, not the client's
         with loopback_cluster(2, env=env, worker_args=("--preload", str(preload)), timeout=120) as address:
             sources, out = self.case_dir()
             shutil.copy(sources / "wsi" / "good.svs", sources / "wsi" / "poison.svs")
@@ -441,9 +444,13 @@ class Bench:
             stdout, stderr = process.communicate(timeout=120)
             peak, seen = sampler.stop()
         result = Run(process.returncode, stdout, stderr, peak, seen)
+        worker_mb, _ = cluster_workers.stop()
+        for outcome in outcomes:
+            outcome.peak_worker_mb = worker_mb
+        result.peak_worker_mb = worker_mb
         ok, observed = one_line(result, 2, address)
-        outcomes.append(Outcome("Dask scheduler killed mid-run", "exit 2, one line naming it", observed, ok, peak,
-                                alive(seen)))
+        outcomes.append(Outcome("Dask scheduler killed mid-run", "exit 2, one line naming it", observed, ok,
+                                worker_mb, alive(seen)))
         return outcomes
 
     @property
