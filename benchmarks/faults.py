@@ -90,7 +90,7 @@ class Sampler:
         while not self._stop.is_set():
             try:
                 for child in psutil.Process(self.pid).children(recursive=True):
-                    if self.only and self.only not in " ".join(child.cmdline()):
+                    if self.only and self.only not in command_line(child):
                         continue
                     self.seen.setdefault(child.pid, child)
                     self.peak = max(self.peak, child.memory_info().rss)
@@ -102,6 +102,16 @@ class Sampler:
         self._stop.set()
         self.thread.join()
         return self.peak / 2**20, list(self.seen.values())
+
+
+def command_line(process) -> str:
+    """A process's command line, or "" for one that is gone or a zombie (an orphan the session reaps)."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def convert_args(sources: Path, out: Path, *extra: str) -> list[str]:
@@ -435,7 +445,7 @@ class Bench:
         sources, out = self.case_dir()
         with loopback_cluster(1, env={**env, "CPIA_TEST_UNIT_DELAY": "5"}, worker_args=("--preload", str(preload)),
                               timeout=120) as address:
-            scheduler = next(p for p in psutil.Process().children() if "scheduler" in " ".join(p.cmdline()))
+            scheduler = next(p for p in psutil.Process().children() if "dask scheduler" in command_line(p))
             process, sampler = start(convert_args(sources, out, "--scheduler", address))
             while not (out / ".work" / "units").exists() and process.poll() is None:
                 time.sleep(0.05)

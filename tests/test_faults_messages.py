@@ -26,6 +26,16 @@ COMMON = {"organ": "breast", "disease": "unknown", "stain": "H&E", "field": "his
           "homepage": "unknown", "citation": "unknown"}
 
 
+def command_line(process) -> str:
+    """A process's command line, or "" for one that is gone or a zombie (an orphan the session reaps)."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
 def roi_sources(root: Path, names: list[str]) -> Path:
     """An ROI source folder `roi` with one noisy PNG per name, and its catalog."""
     (root / "roi").mkdir(parents=True)
@@ -125,7 +135,7 @@ def test_scheduler_dying_mid_run_is_one_line(tmp_path: Path) -> None:
     sources = roi_sources(tmp_path / "sources", ["a.png", "b.png"])
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "CPIA_TEST_UNIT_DELAY": "5"}
     with loopback_cluster(1, env=env, worker_args=("--preload", str(PRELOAD)), timeout=90) as address:
-        scheduler = next(p for p in psutil.Process().children() if "scheduler" in " ".join(p.cmdline()))
+        scheduler = next(p for p in psutil.Process().children() if "dask scheduler" in command_line(p))
         run = subprocess.Popen(convert_command(sources, tmp_path / "out", "--scheduler", address),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with Client(address, timeout=30, set_as_default=False) as watcher:  # until the run's tasks are submitted
