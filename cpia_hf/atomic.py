@@ -13,6 +13,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
+from .lifetime import check_writer
+
 TEMP_GLOB = "*.tmp[0-9]*"
 FREE_SPACE_MARGIN = 16 * 1024 * 1024  # free bytes kept on the output's file system
 
@@ -65,7 +67,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; renamed to `path` when the block succeeds, removed when it fails.
 
     The caller writes the temporary file; wrap its write calls in `output_errors` so that an OS error
-    names the output. Creating the folder and the final rename are covered here.
+    names the output. Creating the folder and the final rename are covered here; a worker of a run that
+has ended (see `cpia_hf.lifetime`) gets an OutputError instead of the rename.
     """
     with output_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +76,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         with output_errors(path):
+            check_writer()  # a worker whose run is gone (parent dead, lock released) renames nothing
             os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):

@@ -6,6 +6,8 @@ import importlib
 import logging
 import sys
 
+from .lifetime import Interrupted, stop_on_signals
+
 # subcommand -> (the stage's cli module, help); the module defines configure_<name>(parser) and run_<name>(args)
 COMMANDS = {
     "sources": ("cpia_hf.dataset.cli", "list the source datasets: access, licence, expected folders, presence"),
@@ -35,6 +37,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        with stop_on_signals():  # Ctrl-C, SIGTERM, SIGHUP: workers killed, lock released, one line
+            return _run(command, argv)
+    except Interrupted as stop:
+        print(f"{'cpia ' + command if command else 'cpia'}: {stop}", file=sys.stderr)
+        return stop.exit_status
+
+
+def _run(command: str | None, argv: list[str]) -> int:
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

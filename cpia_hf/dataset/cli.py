@@ -11,7 +11,7 @@ from .cluster import ClusterError
 from .convert import convert, print_report, select_entries
 from .mini import DEFAULT_MINI_FRACTION
 from .tissue import RULES
-from .units import ConvertOptions
+from .units import ConvertOptions, printable
 
 
 def configure_convert(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +41,9 @@ def configure_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=ConvertOptions.seed,
                         help="seed of every random choice: S crops, the mini selection and its shuffle, the card's "
                              "gallery (default: %(default)s)")
+    parser.add_argument("--roi-memory-gb", type=float, default=ConvertOptions.roi_memory_gb, metavar="GB",
+                        help="memory a worker may spend decoding one ROI image, checked from its header before "
+                             "decoding; a larger image is refused and named (default: %(default)s)")
     parser.add_argument("--verify-shards", action="store_true",
                         help="check the SHA-256 of every published shard and reused unit file (default: of those "
                              "whose time changed)")
@@ -56,6 +59,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         min_tissue_fraction=args.min_tissue_fraction,
         s_per_m=args.s_per_m,
         seed=args.seed,
+        roi_memory_gb=args.roi_memory_gb,
     )
 
 
@@ -82,10 +86,10 @@ def run_convert(args: argparse.Namespace) -> int:
             verify_shards=args.verify_shards,
         )
     except ClusterError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {printable(str(error))}", file=sys.stderr)
         return 2
     except OutputError as error:  # disk full, read-only output, a locked folder: one line, nothing left behind
-        print(f"cpia convert: error: {error}", file=sys.stderr)
+        print(f"cpia convert: error: {printable(str(error))}", file=sys.stderr)
         return 2
     return print_report(report, args.out, verbose=getattr(args, "verbose", False))
 

@@ -27,11 +27,14 @@ from typing import Callable, Sequence, TypeVar
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..lifetime import RunGuard, current_guard, guarded_by
 from .errors import ClusterError, WorkerKilled
 from .results import Outcome
 
 logger = logging.getLogger(__name__)
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
+CONNECT_TIMEOUT_S = 10.0  # a scheduler that does not answer within this is named at once, not after Dask's 30 s
+CLOSE_TIMEOUT_S = 5.0
 T = TypeVar("T")
 __all__ = ["ClusterError", "DaskExecutor", "resolve_scheduler", "task_key"]
 
@@ -53,10 +56,12 @@ def task_key(fn: Callable, args: tuple, desc: str) -> str:
     return f"cpia-{desc.replace(' ', '-')}-{tokenize(fn.__module__, fn.__qualname__, args)}"
 
 
-def _run(fn: Callable[..., T], args: tuple) -> Outcome[T]:
-    """Runs on a worker: a Python error is returned (and logged there), as the local executor does."""
+def _run(fn: Callable[..., T], args: tuple, guard: RunGuard | None = None) -> Outcome[T]:
+    """Runs on a worker: a Python error is returned (and logged there), as the local executor does. Its
+    files are renamed into place only while the submitting run still holds the output lock (`guard`)."""
     try:
-        return Outcome(fn(*args))
+        with guarded_by(guard):
+            return Outcome(fn(*args))
     except Exception as error:
         logger.exception("%s failed", fn.__name__)
         return Outcome(error=error)
@@ -78,12 +83,14 @@ class DaskExecutor:
     def __init__(self, scheduler: str):
         self.address = resolve_scheduler(scheduler)
         self.client = None
+        self._quiet = contextlib.ExitStack()
 
     def __enter__(self) -> "DaskExecutor":
         from distributed import Client
 
+        self._quiet = _quiet_distributed()
         try:
-            self.client = Client(self.address, set_as_default=False)  # timeout: distributed.comm.timeouts.connect
+            self.client = Client(self.address, set_as_default=False, timeout=connect_timeout())
         except (OSError, TimeoutError) as error:
             raise ClusterError(f"cannot reach the Dask scheduler at {self.address}: {error}") from error
         try:
@@ -103,20 +110,23 @@ class DaskExecutor:
 
     def __exit__(self, *exc) -> None:
         if self.client is not None:
-            self.client.close()
+            with contextlib.suppress(Exception):  # also when the scheduler is gone
+                self.client.close(timeout=CLOSE_TIMEOUT_S)
             self.client = None
+        self._quiet.close()
 
     def map(self, fn: Callable[..., T], jobs: Sequence[tuple], desc: str, progress: bool) -> list[Outcome[T]]:
         """`fn(*args)` for every tuple on the cluster, in order."""
         from distributed import as_completed
 
         keys = [task_key(fn, args, desc) for args in jobs]
-        futures = self.client.map(_run, [fn] * len(jobs), jobs, key=keys, pure=True)
+        guards = [current_guard()] * len(jobs)  # not part of the keys: a rerun's task is the same task
+        futures = self.client.map(_run, [fn] * len(jobs), jobs, guards, key=keys, pure=True)
         index = {future.key: k for k, future in enumerate(futures)}
         results: list = [None] * len(futures)
         failed = rows = 0
         bar = tqdm(total=len(futures), desc=desc, unit="unit", disable=not progress, file=sys.stderr)
-        for future in as_completed(futures, loop=self.client.loop):
+        for future in _while_connected(as_completed(futures, loop=self.client.loop), self.client, self.address):
             result = _outcome(future)
             results[index[future.key]] = result
             failed += not result.ok
@@ -128,8 +138,46 @@ class DaskExecutor:
         return results
 
 
-def _outcome(future) -> Outcome:
-    """A finished future's outcome, or its error (KilledWorker explained).
+def connect_timeout() -> float:
+    """Seconds to wait for the scheduler: distributed.comm.timeouts.connect, at most CONNECT_TIMEOUT_S."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    return min(CONNECT_TIMEOUT_S, parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s"))
+
+
+def _quiet_distributed() -> contextlib.ExitStack:
+    """Dask's own log lines (a lost connection logs tracebacks) hidden unless -v: the run says what failed in one
+    line. Closing the returned stack restores the level."""
+    import distributed  # noqa: F401  (its loggers exist, with the levels its configuration gives them)
+
+    stack = contextlib.ExitStack()
+    if logger.isEnabledFor(logging.INFO):
+        return stack
+    names = ["distributed"] + [n for n in logging.root.manager.loggerDict if n.startswith("distributed.")]
+    for dask_logger in map(logging.getLogger, names):
+        stack.callback(dask_logger.setLevel, dask_logger.level)
+        dask_logger.setLevel(logging.CRITICAL)
+    return stack
+
+
+def _while_connected(completed, client, address: str):
+    """The futures of `completed` as they finish; ClusterError naming the scheduler once the client has lost it
+    (Dask cancels every future then, and would otherwise leave the run waiting)."""
+    iterator = iter(completed)
+    while True:
+        try:
+            future = next(iterator)
+        except StopIteration:
+            return
+        if client.status != "running" or future.status == "cancelled":
+            raise ClusterError(f"lost the connection to the Dask scheduler at {address} (scheduler stopped or "
+                               "unreachable); rerun the same command to resume")
+        yield future
+
+
+def _outcome(future):
+    """A finished future's result, or its error (KilledWorker explained).
 
     `result()` also waits for a task that the scheduler recomputes because the worker holding its
     result died after it finished.

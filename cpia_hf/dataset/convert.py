@@ -9,7 +9,7 @@ from typing import Iterable
 
 from ..atomic import OutputError, write_atomic
 from .catalog import CatalogEntry, subset_slug
-from .coverage import Coverage, count_rows, coverage, coverage_markdown
+from .coverage import Coverage, count_rows, coverage, coverage_markdown, unreadable_shards
 from .executor import Executor, LocalExecutor
 from .mini import (
     DEFAULT_MINI_FRACTION,
@@ -33,6 +33,7 @@ from .units import (
     discover_units,
     merge_pieces,
     piece_of,
+    printable,
     roi_files_to_convert,
     unit_paths,
 )
@@ -94,6 +95,8 @@ def convert(
         with _executor(workers, scheduler) as executor:
             _convert_units(executor, units, source_root, out_dir / ".work", options, verify_shards, progress, report)
             _pack(executor, entries, units, out_dir, configs, options, mini_fraction, verify_shards, progress, report)
+            if not verify_shards and unreadable_shards(out_dir / "data"):  # damage under an unchanged size and time
+                _pack(executor, entries, units, out_dir, configs, options, mini_fraction, True, progress, report)
         report.empty = not any(n for rows in report.rows.values() for n in rows.values())
         if report.empty:  # nothing to publish: no card that declares no config
             return report
@@ -109,19 +112,26 @@ def convert(
 def _discover(entries: list[CatalogEntry], source_root: Path, out_dir: Path, report: ConvertReport) -> list[Unit]:
     """The units of all entries; missing source folders and non-files go into the report."""
     units: list[Unit] = []
+    outputs: dict[Path, int] = {}  # cpia output folders found inside source folders -> files matched there
     for entry in entries:
         skipped: list[Skipped] = []
         try:
-            units.extend(discover_units(entry, source_root, skipped=skipped))
+            units.extend(discover_units(entry, source_root, skipped=skipped, out_dir=out_dir, outputs_found=outputs))
         except FileNotFoundError as error:
             report.missing.append(str(error))
         report.skipped.extend(s.of_subset(entry.name) for s in skipped)
+    report.skipped.extend(_output_folder_note(folder, n) for folder, n in sorted(outputs.items()))
     if report.missing:
         write_atomic(out_dir / MISSING_LIST, ("\n".join(report.missing) + "\n").encode())
     else:
         (out_dir / MISSING_LIST).unlink(missing_ok=True)
     report.units = len(units)
     return units
+
+
+def _output_folder_note(folder: Path, files: int) -> Skipped:
+    return Skipped(str(folder), f"a cpia output folder inside the sources: its {files} matching file(s) are not read "
+                   "as sources", subset="sources")
 
 
 def _convert_units(
@@ -330,15 +340,15 @@ def select_entries(entries: list[CatalogEntry], subsets: str | None) -> list[Cat
 def print_report(report: ConvertReport, out_dir: Path, verbose: bool = False) -> int:
     """Summary for the terminal; the exit status is 1 when any file failed or no row was built."""
     for config, rows in report.rows.items():
-        print(f"{config}: " + ", ".join(f"{folder} {n} rows" for folder, n in sorted(rows.items())))
+        print(f"{config}: " + (", ".join(f"{folder} {n} rows" for folder, n in sorted(rows.items())) or "no rows"))
     print(f"units: {report.units} ({report.skipped_units} already done)")
-    _print_missing(report.missing, out_dir, verbose)
+    _print_missing([printable(line) for line in report.missing], out_dir, verbose)
     for skipped in report.skipped:
         print(f"skipped: {skipped.line()}")
     for damage in report.rebuilt_units:
-        print(f"rebuilt damaged unit file {damage}")
+        print(f"rebuilt damaged unit file {printable(damage)}")
     for damage in report.repaired:
-        print(f"rebuilt damaged shard {damage}")
+        print(f"rebuilt damaged shard {printable(damage)}")
     if report.coverage:
         print("coverage of the release (built / released):")
         print(coverage_markdown(report.coverage), end="")

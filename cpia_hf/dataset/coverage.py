@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..standard import SCALES
@@ -38,12 +39,36 @@ class Coverage:
 
 
 def count_rows(config_dir: Path) -> Counter:
-    """Rows per (subset, scale) in the shards of one config, read from two metadata columns."""
+    """Rows per (subset, scale) in the shards of one config, read from two metadata columns.
+
+    A shard that cannot be read raises ValueError naming it (one line; `--verify-shards` rebuilds it).
+    """
     counts: Counter = Counter()
     for path in sorted(config_dir.glob("*/*/*.parquet")):
-        table = pq.read_table(path, columns=["subset", "scale"])
+        try:
+            table = pq.read_table(path, columns=["subset", "scale"])
+        except (OSError, ValueError, pa.ArrowException) as error:
+            raise ValueError(f"{path}: unreadable shard ({_first_line(error)}); rerun with --verify-shards to "
+                             "rebuild it") from None
         counts.update(zip(table.column("subset").to_pylist(), table.column("scale").to_pylist()))
     return counts
+
+
+def unreadable_shards(data_dir: Path) -> list[str]:
+    """Published shards whose Parquet footer cannot be read, each with the reason: damage that an unchanged size
+    and modification time hide from the cheap check of a rerun."""
+    found = []
+    for path in sorted(data_dir.rglob("*.parquet")):
+        try:
+            pq.read_metadata(path)
+        except (OSError, ValueError, pa.ArrowException) as error:
+            found.append(f"{path}: {_first_line(error)}")
+    return found
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def coverage(counts: Counter, entries: list[CatalogEntry], s_per_m: int = 1) -> list[Coverage]:

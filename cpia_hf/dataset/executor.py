@@ -27,6 +27,7 @@ from typing import Callable, Protocol, Sequence, TypeVar, runtime_checkable
 from tqdm.auto import tqdm
 
 from ..atomic import OutputError
+from ..lifetime import die_with_parent
 from .errors import WorkerKilled
 from .results import Outcome
 
@@ -67,10 +68,10 @@ class LocalExecutor:
     """The Executor of `workers` local child processes; see the module docstring.
 
     `initializer` runs first in every worker process (the pool's and a suspect's own): the one place where
-    a worker's lifetime is set up, e.g. that it dies with its parent.
+    a worker's lifetime is set up; by default `die_with_parent` (see cpia_hf.lifetime).
     """
 
-    def __init__(self, workers: int, initializer: Initializer | None = None):
+    def __init__(self, workers: int, initializer: Initializer | None = die_with_parent):
         self.workers = max(1, workers)
         self.initializer = initializer
 
@@ -85,7 +86,7 @@ class LocalExecutor:
         results: list = [None] * len(jobs)
         suspects = self._run_pool(fn, jobs, results, bar)
         for index in suspects:
-            logger.warning("a worker died; retrying %s job %d alone", desc, index)
+            logger.info("a worker died; retrying %s job %d alone", desc, index)  # the summary names the culprit
             results[index] = run_alone(fn, jobs[index], self.initializer)
             bar.update()
         bar.close()
@@ -170,7 +171,7 @@ def _call(fn: Callable[..., T], args: tuple) -> Outcome[T]:
     except OutputError as error:  # the caller stops the run and prints it in one line
         return Outcome(error=error)
     except Exception as error:  # one unit's unexpected error must not stop the others
-        logger.exception("%s failed", getattr(fn, "__name__", fn))
+        logger.info("%s failed", getattr(fn, "__name__", fn), exc_info=True)  # the summary names it; -v: traceback
         return Outcome(error=_picklable(error))
 
 

@@ -8,7 +8,6 @@ killed worker process left in the folder.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
@@ -19,9 +18,10 @@ from typing import Iterator
 from filelock import FileLock, Timeout
 
 from ..atomic import TEMP_GLOB, OutputError, output_errors, write_atomic
+from ..lifetime import holding_output, released_output
 from .units import read_record
 
-LOCK_FILE = ".work/convert.lock"
+LOCK_FILE = ".work/convert.lock"  # its `.work` folder also marks an output folder (sources.OutputFolders)
 
 
 class OutputLocked(OutputError):
@@ -42,10 +42,11 @@ def output_lock(out_dir: Path) -> Iterator[None]:
             raise OutputLocked(str(out_dir), f"locked by another cpia convert ({_holder(owner_path)})") from None
     try:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        write_atomic(owner_path, json.dumps(owner).encode())
+        write_atomic(owner_path, holding_output(lock_path, owner).encode())  # what this run's Dask tasks check
         remove_temp_files(out_dir)
         yield
     finally:
+        released_output()
         remove_temp_files(out_dir)  # left by workers that were killed or aborted during this run
         lock.release()
 

@@ -1,12 +1,44 @@
 """What conversion jobs hand back: a file that failed or gave no row, a run step that failed, a job's outcome."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from .errors import WorkerKilled
 
 T = TypeVar("T")
+
+
+def is_utf8(file: str) -> bool:
+    """Whether a path found on disk decodes as UTF-8 (else Python holds its odd bytes as surrogates)."""
+    try:
+        file.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def display_name(file: str) -> str:
+    """A printable form of any path found on disk: bytes that are not UTF-8 written as \\xNN."""
+    return os.fsencode(file).decode("utf-8", "backslashreplace")
+
+
+def printable(text: str) -> str:
+    """`text` on one line with nothing a terminal acts on: control characters (newlines, escape sequences) and
+    bytes that are not UTF-8 written as backslash escapes, as Python writes them in a string's repr."""
+    text = display_name(text) if not is_utf8(text) else text
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def error_text(error: BaseException) -> str:
+    """One line for an unexpected error of one file: its type and message, or what an empty message means."""
+    text = printable(" ".join(str(error).split()))
+    if isinstance(error, MemoryError):
+        return f"out of memory while converting it{' (' + text + ')' if text else ''}: give each worker more memory"
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -29,7 +61,7 @@ class FileNote:
         return replace(self, subset=subset)
 
     def line(self) -> str:
-        return f"[{self.subset}] {self.file}: {self.reason}"
+        return f"[{self.subset}] {printable(self.file)}: {printable(self.reason)}"
 
 
 class Failure(FileNote):
@@ -48,7 +80,7 @@ class StepFailure:
     reason: str
 
     def line(self) -> str:
-        return f"{self.step} failed: {self.reason}"
+        return f"{printable(self.step)} failed: {printable(self.reason)}"
 
 
 @dataclass(frozen=True)
@@ -63,5 +95,5 @@ class Outcome(Generic[T]):
         return self.error is None
 
     def reason(self) -> str:
-        """The error in one line: a killed worker's words as they are, any other error as its repr."""
-        return str(self.error) if isinstance(self.error, WorkerKilled) else repr(self.error)
+        """The error in one line: a killed worker's words as they are, any other error as its type and message."""
+        return str(self.error) if isinstance(self.error, WorkerKilled) else error_text(self.error)

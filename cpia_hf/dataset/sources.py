@@ -38,6 +38,7 @@ WORKED_EXAMPLE_CORES = 16  # the machine the docs' wall-time example assumes
 SCAN_MPP = 0.25
 SCANNER_BYTES_PER_PIXEL = 0.4
 ROI_SOURCE_BYTES = 500_000
+WORK_FOLDER = ".work"  # every cpia output folder holds its cache and lock here
 
 ACCESS_TEXT = {
     "open": "open download",
@@ -91,11 +92,39 @@ def source_bytes(entry: CatalogEntry) -> float:
 
 
 def count_files(entry: CatalogEntry, source_root: Path) -> int | None:
-    """Files matching the entry's pattern under its folder; None when the folder is absent."""
+    """Files matching the entry's pattern under its folder (outside cpia output folders); None when the folder
+    is absent."""
     folder = source_root / entry.path
     if not folder.is_dir():
         return None
-    return sum(1 for p in folder.glob(entry.pattern) if p.is_file())
+    outputs = OutputFolders(folder)
+    return sum(1 for p in folder.glob(entry.pattern) if p.is_file() and outputs.of(p) is None)
+
+
+class OutputFolders:
+    """The cpia output folders that files found under a source folder lie in, so that they are not read as sources.
+
+    An output folder is the run's own `--out` (`own`) or any folder holding a `.work` folder (every output has
+    one); with `--out` inside a source folder, its gallery PNGs and shards would otherwise match the source
+    patterns. Answers are cached per folder: one stat per folder, not per file.
+    """
+
+    def __init__(self, top: Path, own: Path | None = None):
+        self.top = top
+        self.own = own
+        self._cache: dict[Path, Path | None] = {}
+
+    def of(self, path: Path) -> Path | None:
+        """The output folder `path` lies in (between the source folder and it), or None."""
+        return self._folder(path.parent)
+
+    def _folder(self, folder: Path) -> Path | None:
+        if folder not in self._cache:
+            inside = folder != self.top and self.top in folder.parents
+            outer = self._folder(folder.parent) if inside else None
+            own = folder == self.own or (folder / WORK_FOLDER).is_dir()
+            self._cache[folder] = outer or (folder if own else None)
+        return self._cache[folder]
 
 
 def state_of(files: int | None, expected: int | None) -> State:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 from contextlib import suppress
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -29,9 +29,10 @@ from ..schema import ARROW_SCHEMA, COLUMN_OPTIONS
 from ..standard import FOLDER_OF_SCALE, SCALE_SIDES, STANDARD_MPP
 from .catalog import CatalogEntry, folder_safe, subset_slug
 from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
-from .results import Failure, Skipped
-from .roi import DEFAULT_MAX_PIXELS, RoiError, convert_roi
+from .results import Failure, Skipped, display_name, error_text, is_utf8, printable  # noqa: F401  (re-exported)
+from .roi import DEFAULT_MAX_PIXELS, DEFAULT_ROI_MEMORY_GB, RoiError, convert_roi
 from .slidefiles import group_slide_files
+from .sources import OutputFolders
 from .stamps import FileStamp
 from .tissue import RuleName
 
@@ -91,6 +92,9 @@ class ConvertOptions:
     s_per_m: int = 1
     seed: int = 0
     max_roi_pixels: int = DEFAULT_MAX_PIXELS
+    # Not part of a unit's fingerprint: it only refuses files (failures are retried on every run), it never
+    # changes a converted row.
+    roi_memory_gb: float = field(default=DEFAULT_ROI_MEMORY_GB, metadata={"fingerprint": False})
 
 
 @dataclass(frozen=True)
@@ -160,18 +164,26 @@ class UnitRecord:
 
 
 def discover_units(
-    entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_CHUNK_FILES, skipped: list[Skipped] | None = None
+    entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_CHUNK_FILES, skipped: list[Skipped] | None = None,
+    out_dir: Path | None = None, outputs_found: dict[Path, int] | None = None,
 ) -> list[Unit]:
     """The units of one catalog entry, in a stable order (sorted relative paths).
 
     Paths that match the pattern but are no regular file (a dangling symlink, a folder) are added to
-    `skipped`.
+    `skipped`. Files inside `out_dir` or another cpia output folder are not sources: they are counted per
+    output folder in `outputs_found`.
     """
     folder = source_root / entry.path
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: source folder of '{entry.name}' not found")
     files = []
+    outputs = OutputFolders(folder, own=out_dir)
     for path in sorted(folder.glob(entry.pattern)):
+        output = outputs.of(path)
+        if output is not None:
+            if outputs_found is not None:
+                outputs_found[output] = outputs_found.get(output, 0) + 1
+            continue
         relative = path.relative_to(source_root).as_posix()
         if path.is_file():
             files.append(relative)
@@ -197,20 +209,6 @@ def _wsi_unit_id(relative: Path) -> str:
     return folder_safe(relative.with_suffix("").as_posix().replace("/", "__"))
 
 
-def is_utf8(file: str) -> bool:
-    """Whether a path found on disk decodes as UTF-8 (else Python holds its odd bytes as surrogates)."""
-    try:
-        file.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def display_name(file: str) -> str:
-    """A printable form of any path found on disk: bytes that are not UTF-8 written as \\xNN."""
-    return os.fsencode(file).decode("utf-8", "backslashreplace")
-
-
 def slide_stem(file: str) -> str:
     """Slide name used by the naming rule: the file name up to its first dot (TCGA `<barcode>.<uuid>.svs`)."""
     return Path(file).name.split(".")[0]
@@ -226,9 +224,13 @@ def fingerprint(unit: Unit, source_root: Path, options: ConvertOptions) -> str:
         except OSError:
             stats.append((f, None, None))
     payload = json.dumps(
-        [__version__, unit.entry.to_dict(), asdict(options), unit.unit_id, stats], sort_keys=True, default=str
+        [__version__, unit.entry.to_dict(), _fingerprinted(options), unit.unit_id, stats], sort_keys=True, default=str
     )
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _fingerprinted(options: ConvertOptions) -> dict:
+    return {f.name: getattr(options, f.name) for f in fields(options) if f.metadata.get("fingerprint", True)}
 
 
 def unit_paths(work_dir: Path, unit: Unit) -> tuple[Path, Path]:
@@ -530,13 +532,13 @@ def _roi_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Iterat
             yield Failure(display_name(file), NOT_UTF8)
             continue
         try:
-            roi = convert_roi(path, max_pixels=options.max_roi_pixels)
+            roi = convert_roi(path, max_pixels=options.max_roi_pixels, memory_gb=options.roi_memory_gb)
             image_bytes = encode_jpeg(roi.pixels, options.jpeg_quality)
         except RoiError as error:
             yield Failure(file, error.reason)
             continue
         except Exception as error:  # any other failure of one file costs only that file
-            yield Failure(file, f"{type(error).__name__}: {error}")
+            yield Failure(file, error_text(error))
             continue
         label = path.parent.name if entry.label_from == "parent" else None
         stem = Path(file).stem
