@@ -40,6 +40,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the loopback cluster launcher of the tests
 
 from cpia_hf.demo.synth import corrupt_tile, he_like_image, write_slide  # noqa: E402
 
@@ -412,7 +413,7 @@ class Bench:
     # --- Dask (heavy) ------------------------------------------------------------------------------------------
 
     def dask_cases(self) -> list[Outcome]:
-        from cpia_hf.dataset.cluster import loopback_cluster
+        from loopback import loopback_cluster
 
         preload = self.work / "preload.py"
         preload.write_text((ROOT / "tests" / "cluster_preload.py").read_text())

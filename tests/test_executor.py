@@ -32,7 +32,7 @@ def test_killers_are_named_and_the_rest_completes(workers: int) -> None:
     assert isinstance(results[3].error, WorkerKilled)
     assert results[3].reason() == "worker killed, signal 9 (SIGKILL), probably out of memory"
     assert isinstance(results[8].error, WorkerKilled) and results[8].reason() == "worker killed, signal 15 (SIGTERM)"
-    assert isinstance(results[5].error, ValueError) and results[5].reason() == "ValueError('bad input 5')"
+    assert isinstance(results[5].error, ValueError) and results[5].reason() == "ValueError: bad input 5"
 
 
 def mark_worker() -> None:

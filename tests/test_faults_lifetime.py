@@ -134,7 +134,7 @@ def test_a_task_writes_only_while_its_run_holds_the_output(tmp_path: Path) -> No
 @pytest.fixture(scope="module")
 def slow_cluster(tmp_path_factory: pytest.TempPathFactory):
     """A loopback cluster whose units each wait 2 s first, so that tasks are in flight when the client dies."""
-    from cpia_hf.dataset.cluster import loopback_cluster
+    from loopback import loopback_cluster  # the tests' launcher (tests/ is on the path)
 
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "CPIA_TEST_UNIT_DELAY": "2"}

@@ -82,18 +82,17 @@ def test_damaged_shard_footer_under_unchanged_size_and_time_is_named_and_rebuilt
 
 
 def test_unreadable_cached_unit_file_is_one_line(built) -> None:
-    """Root reads any file whatever its permissions: a folder in the unit file's place makes it unreadable."""
+    """Root reads any file whatever its permissions: a folder in the unit file's place makes it unreadable. A
+    unit file that fails its check is converted again; here its place cannot be written either, so the run
+    stops in one line naming it (exit 2, as for any output that cannot be written)."""
     sources, out = built
     unit_file = out / ".work" / "units" / "r" / "roi-00000.parquet"
     unit_file.unlink()
     unit_file.mkdir()
     shutil.rmtree(out / "data")
     result = subprocess.run(convert_command(sources, out), capture_output=True, text=True)
-    assert result.returncode == 1
-    lines = result.stderr.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("FAILED: 1 ")
-    assert str(unit_file) in lines[1] and "unit file unreadable" in lines[1] and "delete it" in lines[1]
-    assert "full: no rows" in result.stdout.splitlines()
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"cpia convert: error: cannot write {unit_file}: [Errno 21] Is a directory"]
 
 
 def test_a_write_failing_in_the_middle_of_a_shard_is_one_line(built) -> None:
@@ -130,7 +129,7 @@ def test_scheduler_dying_mid_run_is_one_line(tmp_path: Path) -> None:
     import psutil
     from distributed import Client
 
-    from cpia_hf.dataset.cluster import loopback_cluster
+    from loopback import loopback_cluster  # the tests' launcher (tests/ is on the path)
 
     sources = roi_sources(tmp_path / "sources", ["a.png", "b.png"])
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "CPIA_TEST_UNIT_DELAY": "5"}
@@ -161,9 +160,10 @@ def test_memory_error_is_said_in_words(tmp_path: Path, monkeypatch: pytest.Monke
         raise MemoryError()
 
     monkeypatch.setattr(units, "convert_roi", out_of_memory)
-    failures: list[dict] = []
-    assert list(units._unit_rows(unit, sources, ConvertOptions(), failures)) == []
-    assert failures == [{"file": "roi/a.png", "reason": "out of memory while converting it: give each worker more memory"}]
+    result = units.convert_unit(unit, sources, tmp_path / "work", ConvertOptions())
+    assert result.rows == 0
+    assert [(f.file, f.reason) for f in result.failures] == [
+        ("roi/a.png", "out of memory while converting it: give each worker more memory")]
     assert error_text(KeyError()) == "KeyError" and error_text(ValueError("two\nlines")) == "ValueError: two lines"
 
 

@@ -19,6 +19,7 @@ dask-jobqueue, dask-kubernetes): see docs/cluster.md.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys

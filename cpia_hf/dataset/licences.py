@@ -132,7 +132,7 @@ def clear_for_push(folder: Path, licences: dict[str, str], entries: list[Catalog
     accepted = _names(accept_second_hand, "--accept-second-hand", folder, licences)
     not_second_hand = sorted(s for s in accepted if statuses[s] != "second-hand")
     if not_second_hand:
-        raise ValueError(f"--accept-second-hand names subsets whose licence is not second-hand: "
+        raise ValueError("--accept-second-hand names subsets whose licence is not second-hand: "
                          + ", ".join(f"{s} ({statuses[s] or 'no evidence recorded'})" for s in not_second_hand))
     refused = {s: why for s, lic in licences.items() if s not in restricted
                and (why := _refusal(lic, statuses[s], by_name.get(s)))}
