@@ -64,6 +64,7 @@ def jpeg_q90(image) -> int:
 
 
 def versions(*packages: str) -> dict[str, str]:
+    """The installed versions of those of `packages` that are installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
@@ -89,7 +90,7 @@ def child_cpia_m(slide: Path, options: dict) -> dict:
                 versions=versions("cpia-hf", "pillow", "openslide-python", "openslide-bin", "tifffile"))
 
 
-def otsu_saturation_mask(thumbnail) -> "object":
+def otsu_saturation_mask(thumbnail) -> "np.ndarray":
     """Tissue where the HSV saturation of an RGB thumbnail is above its Otsu threshold (OpenCV)."""
     import cv2
     import numpy as np
@@ -206,10 +207,6 @@ def run_measured(command: list[str], cwd: Path, env: dict | None = None) -> tupl
     return process.returncode, usage.ru_utime + usage.ru_stime, wall, usage.ru_maxrss / 1024, text
 
 
-def our_python(args: argparse.Namespace) -> str:
-    return str(args.python)
-
-
 def build_slide(args: argparse.Namespace) -> Path:
     """The benchmark slide (cached): built in a child process so that its memory is not this one's."""
     path = args.out / f"real-{args.width}x{args.height}-mpp{args.mpp:g}.svs".replace("0.", "0p")
@@ -223,7 +220,7 @@ def build_slide(args: argparse.Namespace) -> Path:
             f"write_slide(tmp, real_texture_image(Path({str(FIXTURE)!r}), w, h, mpp), mpp, vendor='aperio', tile=256, "
             "quality=90); tmp.rename(tmp.with_suffix(''))")
     start = time.perf_counter()
-    subprocess.run([our_python(args), "-c", code], cwd=REPO, check=True)
+    subprocess.run([str(args.python), "-c", code], cwd=REPO, check=True)
     print(f"built {path} in {time.perf_counter() - start:.0f} s", flush=True)
     return path
 
@@ -250,7 +247,7 @@ def convert_command(python: str, catalog: Path, out: Path) -> list[str]:
 def runners(args: argparse.Namespace, slide: Path, work: Path) -> tuple[list[Runner], list[str]]:
     """The tilers to run, and one line for each peer skipped."""
     me = str(Path(__file__).resolve())
-    ours = our_python(args)
+    ours = str(args.python)
 
     def child(name: str, python: str, **options) -> list[str]:
         return [python, me, "--child", name, "--slide", str(slide), "--result", str(work / f"{name}.json"),
@@ -415,8 +412,8 @@ def main() -> int:
         work = Path(work_dir)
         found, skipped = runners(args, slide, work)
         print(f"slide {slide.name}; {len(found)} tilers, {args.repeats} round(s)", flush=True)
-        round_robin(found, args.repeats, work, our_python(args))
-        print_table(found, skipped, reference_metrics(slide, found, work, our_python(args)))
+        round_robin(found, args.repeats, work, str(args.python))
+        print_table(found, skipped, reference_metrics(slide, found, work, str(args.python)))
     return 0
 
 
