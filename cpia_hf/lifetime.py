@@ -23,10 +23,10 @@ import os
 import signal
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
-from contextlib import contextmanager
 
 PR_SET_PDEATHSIG = 1
 PARENT_POLL_SECONDS = 0.5
