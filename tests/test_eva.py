@@ -171,5 +171,5 @@ def test_eva_recipe_linear_probe_agrees_with_cpia_eval(export_dir, bach_root, tm
     spread = max(statistics.stdev(eva_values), statistics.stdev(cpia_values), 1 / (len(CLASSES) * 23))
     gap = abs(statistics.mean(eva_values) - statistics.mean(cpia_values))
     print(f"eva {eva_values} cpia {cpia_values} gap {gap:.4f} spread {spread:.4f}")
-    assert min(eva_values + cpia_values) > 0.5  # both probes learn the classes (chance: 0.25)
     assert gap <= 2 * spread, (eva_values, cpia_values)
+    assert min(eva_values + cpia_values) > 0.5  # both probes learn the classes (chance: 0.25)
