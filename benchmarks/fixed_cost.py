@@ -33,7 +33,7 @@ import json, resource, sys, time
 from pathlib import Path
 from cpia_hf.dataset.catalog import load_catalog
 from cpia_hf.dataset.units import ConvertOptions, convert_unit, discover_units
-import cpia_hf.dataset.slides  # noqa: F401  (the slide readers' imports are start-up, not the unit's work)
+import cpia_hf.dataset.slide.tiles  # noqa: F401  (the slide readers' imports are start-up, not the unit's work)
 
 def cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)

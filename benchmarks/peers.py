@@ -79,7 +79,7 @@ def versions(*packages: str) -> dict[str, str]:
 def child_cpia_m(slide: Path, options: dict) -> dict:
     sys.path.insert(0, str(REPO))
     from cpia_hf.dataset.imageio import encode_jpeg
-    from cpia_hf.dataset.slides import iter_slide_tiles
+    from cpia_hf.dataset.slide.tiles import iter_slide_tiles
 
     rects, encoded = [], 0
     for tile in iter_slide_tiles(slide, slide_stem=slide.stem):
