@@ -107,7 +107,8 @@ def test_a_file_that_kills_its_worker_costs_only_itself(tmp_path: Path, monkeypa
     out = tmp_path / "out"
     assert convert_cli(sources, out, "--workers", workers) == 1
     err = capsys.readouterr().err.splitlines()
-    assert err[-2:] == ["FAILED: 1 file(s) could not be converted (the rest was):",
+    assert err[-2:] == [f"FAILED: 1 file(s) could not be converted (the rest was; listed in "
+                        f"{out.absolute() / '.work' / 'failures.csv'}):",
                         "  [r] roi/ok_5_killer.png: worker killed, signal 9 (SIGKILL), probably out of memory"]
     assert source_files(out) == {f"roi/{name}" for name in names if name != "ok_5_killer.png"}
     clean = tmp_path / "clean"  # the same chunk without the killer

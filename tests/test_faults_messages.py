@@ -1,6 +1,7 @@
 """One line per failure, never a traceback: each fault below is made for real and its output counted line by line."""
 from __future__ import annotations
 
+import csv
 import os
 import resource
 import shutil
@@ -183,4 +184,13 @@ def test_file_names_with_newlines_and_escape_codes_are_escaped(tmp_path: Path) -
     assert "\x1b" not in result.stderr + result.stdout
     lines = result.stderr.splitlines()
     assert len(lines) == 2 and lines[1].startswith("  [r] roi/two\\nlines\\x1b[31mred.png: unreadable image")
+    failure_list = tmp_path / "out" / ".work" / "failures.csv"
+    assert str(failure_list) in lines[0]
+    records = failure_list.read_text().splitlines()  # one line a record, also for a name with a newline
+    assert len(records) == 2 and records[0] == "kind,subset,file,reason"
+    kind, subset, file, reason = next(csv.reader(records[1:]))
+    assert (kind, subset, file) == ("file", "r", "roi/two\\nlines\\x1b[31mred.png") and reason.startswith("unreadable image")
+    (sources / "roi" / hostile).unlink()  # fixed: the next run leaves no failure list behind
+    assert subprocess.run(convert_command(sources, tmp_path / "out", "--configs", "full")).returncode == 0
+    assert not failure_list.exists()
     assert printable("a\u2028b\x85c\udcff") == "a\\u2028b\\x85c\\xff"

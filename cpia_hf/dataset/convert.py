@@ -1,6 +1,8 @@
 """`cpia convert`: catalog -> units -> full shards -> mini shards -> dataset card, resumable."""
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from .units import (
 
 CONFIGS = ("full", "mini")
 MISSING_LIST = ".work/missing-sources.txt"  # source folders not found by the last run, one a line
+FAILURE_LIST = ".work/failures.csv"  # what failed in the last run: kind, subset, file, reason; one record a line
 logger = logging.getLogger(__name__)
 
 
@@ -97,6 +100,7 @@ def convert(
             _pack(executor, entries, units, out_dir, configs, options, mini_fraction, verify_shards, progress, report)
             if not verify_shards and unreadable_shards(out_dir / "data"):  # damage under an unchanged size and time
                 _pack(executor, entries, units, out_dir, configs, options, mini_fraction, True, progress, report)
+        _write_failure_list(out_dir, report)
         report.empty = not any(n for rows in report.rows.values() for n in rows.values())
         if report.empty:  # nothing to publish: no card that declares no config
             return report
@@ -107,6 +111,21 @@ def convert(
 
             write_dataset_card(out_dir, entries, configs=configs, mini_fraction=mini_fraction, options=options)
         return report
+
+
+def _write_failure_list(out_dir: Path, report: ConvertReport) -> None:
+    """FAILURE_LIST for scripts and spreadsheets: every failed file and step of this run, each field escaped as
+    the summary prints it (so a name with a newline stays one record on one line); removed when nothing failed."""
+    path = out_dir / FAILURE_LIST
+    if not (report.failures or report.step_failures):
+        path.unlink(missing_ok=True)
+        return
+    text = io.StringIO()
+    table = csv.writer(text, lineterminator="\n")
+    table.writerow(["kind", "subset", "file", "reason"])
+    table.writerows(["file", f.subset or "", printable(f.file), printable(f.reason)] for f in report.failures)
+    table.writerows(["step", "", "", step.line()] for step in report.step_failures)
+    write_atomic(path, text.getvalue().encode())
 
 
 def _discover(entries: list[CatalogEntry], source_root: Path, out_dir: Path, report: ConvertReport) -> list[Unit]:
@@ -353,7 +372,8 @@ def print_report(report: ConvertReport, out_dir: Path, verbose: bool = False) ->
         print("coverage of the release (built / released):")
         print(coverage_markdown(report.coverage), end="")
     if report.failures:
-        print(f"FAILED: {len(report.failures)} file(s) could not be converted (the rest was):", file=sys.stderr)
+        print(f"FAILED: {len(report.failures)} file(s) could not be converted (the rest was; listed in "
+              f"{out_dir / FAILURE_LIST}):", file=sys.stderr)
         for failure in report.failures:
             print(f"  {failure.line()}", file=sys.stderr)
     for step in report.step_failures:
