@@ -49,9 +49,9 @@ COMMON = {"organ": "breast", "disease": "unknown", "stain": "H&E", "field": "his
 RESUME = "rerun the same command to resume"
 AFTER_KILL_S = 5.0
 # A `cpia convert` whose worker dies on any slide named "poison" (as a decoder crash or the OOM killer would).
-POISONED = ("import os, signal, sys\nfrom cpia_hf.dataset import units\n_rows = units._wsi_rows\n"
+POISONED = ("import os, signal, sys\nfrom cpia_hf.dataset import units\n_rows = units._wsi_items\n"
             "def rows(unit, *args):\n    if 'poison' in unit.files[0]:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
-            "    return _rows(unit, *args)\nunits._wsi_rows = rows\nfrom cpia_hf.cli import main\nsys.exit(main())\n")
+            "    return _rows(unit, *args)\nunits._wsi_items = rows\nfrom cpia_hf.cli import main\nsys.exit(main())\n")
 
 
 @dataclass
@@ -335,8 +335,8 @@ class Bench:
         unit_file.mkdir()  # root reads any file: a folder in its place is unreadable for everyone
         shutil.rmtree(out / "data")
         result = run(convert_args(sources, out))
-        ok, observed = one_line(result, 1, "unit file unreadable")
-        return Outcome("unreadable cached unit file", "exit 1, one line naming it", observed, ok,
+        ok, observed = one_line(result, 2, f"cannot write {unit_file}")  # checked, rebuilt: its place is no file
+        return Outcome("unreadable cached unit file", "exit 2, one line naming it", observed, ok,
                        result.peak_worker_mb, alive(result.descendants))
 
     def poison_slide(self) -> Outcome:
@@ -496,6 +496,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     args = parser.parse_args()
     chosen = args.cases.split(",") if args.cases else [*CASES, *(["dask"] if args.heavy else [])]
+    unknown = sorted(set(chosen) - {*CASES, "dask"})
+    if unknown:
+        parser.error(f"--cases: unknown case(s) {', '.join(unknown)}")
     work = args.out or Path(tempfile.mkdtemp(prefix="cpia-faults-"))
     try:
         start_time = time.monotonic()

@@ -113,6 +113,18 @@ def test_wrapping_summed_area_table_gives_exact_means():
         assert np.allclose(area_mean(table, column, row, columns, rows), expected)
 
 
+def convert_wsi_sources(tmp_path):
+    """`cpia convert` of `tmp_path/sources/wsi/*` as one WSI subset (full config only)."""
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"version": 1, "entries": [
+        {"name": "w", "kind": "wsi", "path": "wsi", "pattern": "*.*", "organ": "skin", "disease": "unknown",
+         "stain": "H&E", "field": "histopathology", "license": "unknown", "homepage": "unknown",
+         "citation": "unknown"}]}))
+    return subprocess.run([sys.executable, "-m", "cpia_hf.cli", "convert", "--catalog", str(catalog),
+                           "--source-root", str(tmp_path / "sources"), "--out", str(tmp_path / "out"),
+                           "--no-progress", "--configs", "full"], capture_output=True, text=True, timeout=120)
+
+
 def test_hostile_slides_are_named_and_their_neighbours_convert(tmp_path):
     sources = tmp_path / "sources" / "wsi"
     sources.mkdir(parents=True)
@@ -120,14 +132,7 @@ def test_hostile_slides_are_named_and_their_neighbours_convert(tmp_path):
     write_claimed_size_tiff(sources / "bomb.tiff", 10**6, 10**6, 0.5)
     tiled_tiff(sources / "boxes.tiff", 300, 250, 72, "INCH")
     write_slide(sources / "coarse.svs", he_like_image(512, 512, seed=2), 5.0)
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump({"version": 1, "entries": [
-        {"name": "w", "kind": "wsi", "path": "wsi", "pattern": "*.*", "organ": "skin", "disease": "unknown",
-         "stain": "H&E", "field": "histopathology", "license": "unknown", "homepage": "unknown",
-         "citation": "unknown"}]}))
-    result = subprocess.run([sys.executable, "-m", "cpia_hf.cli", "convert", "--catalog", str(catalog),
-                             "--source-root", str(tmp_path / "sources"), "--out", str(tmp_path / "out"),
-                             "--no-progress", "--configs", "full"], capture_output=True, text=True, timeout=120)
+    result = convert_wsi_sources(tmp_path)
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     for name, reason in [("wsi/bomb.tiff", "exceeds the limit"), ("wsi/boxes.tiff", "no MPP"),
@@ -209,14 +214,7 @@ def test_each_slide_fault_is_one_line_of_the_run(tmp_path):
     negative_mpp_svs(sources / "negative.svs")
     greyscale_tiff(sources / "grey.tiff")
     write_slide(sources / "good.svs", he_like_image(2048, 1536, seed=7, tissue=0.9), 0.5)
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump({"version": 1, "entries": [
-        {"name": "w", "kind": "wsi", "path": "wsi", "pattern": "*.*", "organ": "skin", "disease": "unknown",
-         "stain": "H&E", "field": "histopathology", "license": "unknown", "homepage": "unknown",
-         "citation": "unknown"}]}))
-    result = subprocess.run([sys.executable, "-m", "cpia_hf.cli", "convert", "--catalog", str(catalog),
-                             "--source-root", str(tmp_path / "sources"), "--out", str(tmp_path / "out"),
-                             "--no-progress", "--configs", "full"], capture_output=True, text=True, timeout=120)
+    result = convert_wsi_sources(tmp_path)
     assert result.returncode == 1
     lines = (result.stdout + result.stderr).splitlines()
     for name, reason in [("wsi/claims.tiff", "tile table holds 64 of the 65536 tiles"),
