@@ -19,8 +19,8 @@ from ..standard import ROI_SIDE
 DEFAULT_MAX_PIXELS = 1 << 30
 # The memory one worker may spend decoding and converting one ROI (`cpia convert --roi-memory-gb`), checked
 # against the size the header declares (after a JPEG's DCT downscaling) before any pixel is decoded: a small,
-# well-compressed PNG of large dimensions would otherwise take gigabytes. With a worker's own ~0.3 GB this keeps
-# a worker under the 2 GiB that docs/cluster.md gives each Dask worker.
+# well-compressed PNG of large dimensions would otherwise take gigabytes. The default leaves room for the
+# worker's own memory within what docs/cluster.md gives each Dask worker.
 DEFAULT_ROI_MEMORY_GB = 1.5
 ROI_MEMORY_OPTION = "--roi-memory-gb"
 # Peak bytes per decoded pixel while an image of each mode is decoded and converted to RGB (Pillow keeps
