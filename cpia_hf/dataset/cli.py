@@ -8,7 +8,7 @@ from pathlib import Path
 from ..atomic import OutputError
 from ..schema import arrow_without_pandas
 from .catalog import CatalogError, default_catalog_path, load_catalog
-from .cluster import ClusterError
+from .errors import ClusterError
 from .convert import convert, print_report, select_entries
 from .mini import DEFAULT_MINI_FRACTION
 from .tissue import RULES
