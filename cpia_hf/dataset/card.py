@@ -158,7 +158,7 @@ def organ_chart(counts: Counter, path: Path) -> None:
     font = ImageFont.load_default(size=CHART_FONT_SIZE)
     small = ImageFont.load_default(size=CHART_FONT_SIZE - 3)
     band = CHART_BAR * (len(CHART_SERIES) + 1)
-    left = max(round(font.getlength(organ)) for organ in organs) + 20
+    left = max((round(font.getlength(organ)) for organ in organs), default=0) + 20
     top = 64
     image = Image.new("RGB", (CHART_WIDTH, top + band * len(organs) + 48), "white")
     draw = ImageDraw.Draw(image)
