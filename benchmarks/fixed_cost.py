@@ -10,11 +10,16 @@ timed inside a child process after its imports (the slide readers' too). The fix
 prints the CPU of the card alone (rewritten on the run's output in a child process) and of the imports a
 convert run starts with, and which heavy packages they load.
 The slide is the one benchmarks/peers.py builds (cached in --out).
+
+The children run with Python's bytecode cached, as in an installed package (pip compiles it on install), in a
+private cache folder that one untimed run fills first, even where PYTHONDONTWRITEBYTECODE is set;
+--no-bytecode-cache measures with the environment as it is.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -33,7 +38,10 @@ import json, resource, sys, time
 from pathlib import Path
 from cpia_hf.dataset.catalog import load_catalog
 from cpia_hf.dataset.units import ConvertOptions, convert_unit, discover_units
-import cpia_hf.dataset.slide.tiles  # noqa: F401  (the slide readers' imports are start-up, not the unit's work)
+import cpia_hf.dataset.slide.readers, cpia_hf.dataset.slide.tiles, cpia_hf.dataset.tissue  # noqa: F401,E401  (start-up)
+from cpia_hf.schema import arrow_without_pandas
+
+arrow_without_pandas()  # as in a `cpia convert` worker
 
 def cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -75,11 +83,27 @@ print(json.dumps(dict(cpu=usage.ru_utime + usage.ru_stime, heavy=sorted({m.split
 """ % (HEAVY,)
 
 
-def unit_cpu(python: str, catalog: Path, work: Path) -> dict:
-    shutil.rmtree(work, ignore_errors=True)
-    done = subprocess.run([python, "-c", UNIT, str(catalog), str(work)], cwd=peers.REPO, capture_output=True,
-                          text=True, check=True)
+def child_env(work: Path, bytecode_cache: bool) -> dict:
+    """The children's environment: bytecode written to and read from a private cache folder, or as it is."""
+    if not bytecode_cache:
+        return dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPYCACHEPREFIX": str(work / "pycache")}
+
+
+def child_json(python: str, code: str, args: list[Path], env: dict) -> dict:
+    done = subprocess.run([python, "-c", code, *map(str, args)], cwd=peers.REPO, capture_output=True, text=True,
+                          check=True, env=env)
     return json.loads(done.stdout)
+
+
+def whole_run(python: str, catalog: Path, out: Path, env: dict) -> tuple[float, float]:
+    """CPU-seconds and wall seconds of a whole `cpia convert` into a fresh `out`."""
+    shutil.rmtree(out, ignore_errors=True)
+    code, cpu, seconds, _, stderr = peers.run_measured(peers.convert_command(python, catalog, out), peers.REPO, env)
+    if code:
+        raise SystemExit(f"cpia convert failed: {stderr[-2000:]}")
+    return cpu, seconds
 
 
 def main() -> int:
@@ -91,6 +115,8 @@ def main() -> int:
     parser.add_argument("--python", type=Path, default=Path(sys.executable), help="the Python with cpia-hf")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "cpia-hf-peers",
                         help="where the slide is cached")
+    parser.add_argument("--no-bytecode-cache", dest="bytecode_cache", action="store_false",
+                        help="run the children with the environment's bytecode setting (see above)")
     args = parser.parse_args()
     slide = peers.build_slide(args)
     python = str(args.python)
@@ -98,30 +124,28 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cpia-fixed-") as work_dir:
         work = Path(work_dir)
         catalog = peers.convert_sources(slide, work)
+        env = child_env(work, args.bytecode_cache)
+        if args.bytecode_cache:
+            whole_run(python, catalog, work / "dataset", env)  # fills the bytecode cache
         for _ in range(args.repeats):
-            shutil.rmtree(work / "dataset", ignore_errors=True)
-            code, cpu, seconds, _, stderr = peers.run_measured(peers.convert_command(python, catalog, work / "dataset"),
-                                                               peers.REPO)
-            if code:
-                raise SystemExit(f"cpia convert failed: {stderr[-2000:]}")
+            cpu, seconds = whole_run(python, catalog, work / "dataset", env)
             whole.append(cpu)
             wall.append(seconds)
-            measured = unit_cpu(python, catalog, work / "unit")
+            shutil.rmtree(work / "unit", ignore_errors=True)
+            measured = child_json(python, UNIT, [catalog, work / "unit"], env)
             unit.append(measured["cpu"])
             rows = measured["rows"]
-            card.append(json.loads(subprocess.run([python, "-c", CARD, str(catalog), str(work / "dataset")],
-                                                  cwd=peers.REPO, capture_output=True, text=True, check=True).stdout)["cpu"])
-        imports = json.loads(subprocess.run([python, "-c", IMPORTS], cwd=peers.REPO, capture_output=True, text=True,
-                                            check=True).stdout)
+            card.append(child_json(python, CARD, [catalog, work / "dataset"], env)["cpu"])
+        imports = child_json(python, IMPORTS, [], env)
     fixed = statistics.median(whole) - statistics.median(unit)
-    print(f"slide {slide.name}: {rows} rows; {args.repeats} round(s), medians")
+    print(f"slide {slide.name}: {rows} rows; {args.repeats} round(s), medians; bytecode "
+          f"{'cached' if args.bytecode_cache else 'as the environment has it'}")
     print(f"  whole cpia convert   {statistics.median(whole):6.2f} CPU-s ({statistics.median(wall):.1f} s wall)"
           f"   rounds: {', '.join(f'{c:.2f}' for c in whole)}")
     print(f"  unit of work         {statistics.median(unit):6.2f} CPU-s"
           f"   rounds: {', '.join(f'{c:.2f}' for c in unit)}")
     print(f"  fixed cost           {fixed:6.2f} CPU-s (whole run minus unit of work)")
-    print(f"  of which the card    {statistics.median(card):6.2f} CPU-s (README, organ chart, galleries; rewritten alone, "
-          f"matplotlib's import included)")
+    print(f"  of which the card    {statistics.median(card):6.2f} CPU-s (README, organ chart, galleries; rewritten alone)")
     print(f"  start-up imports     {imports['cpu']:6.2f} CPU-s (python, `cpia convert` parser); heavy packages loaded: "
           f"{', '.join(imports['heavy']) or 'none'}")
     return 0

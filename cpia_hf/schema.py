@@ -8,6 +8,7 @@ bytes `datasets`' ParquetWriter gives (checked in tests/test_schema.py).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,6 +84,31 @@ def write_shard_table(writer: "pq.ParquetWriter", table: pa.Table, row_group_siz
     """Write `table` (shard columns) as `datasets`' ParquetWriter does (which first makes the columns contiguous:
     the bytes are the same without that copy)."""
     writer.write_table(table.cast(ARROW_SCHEMA), row_group_size)
+
+
+def read_columns(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file's table (all columns, or `columns`). Read through ParquetFile: `pq.read_table` goes through
+    pyarrow's dataset layer, whose import loads pandas, which a conversion never needs."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).read(columns=columns)
+
+
+class _NoPandas:
+    """A meta path finder under which `import pandas` fails."""
+
+    def find_spec(self, name: str, path=None, target=None) -> None:
+        if name.partition(".")[0] == "pandas":
+            raise ImportError("pandas is not used by a conversion")
+        return None
+
+
+def arrow_without_pandas() -> None:
+    """Make `import pandas` fail in this process and the workers it forks, so that pyarrow treats pandas as absent:
+    it imports pandas on building its first array only to recognise pandas inputs, which a conversion never has.
+    For processes that only convert (the `cpia convert` command); a no-op once pandas is loaded."""
+    if "pandas" not in sys.modules and not any(isinstance(finder, _NoPandas) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _NoPandas())
 
 
 def __getattr__(name: str) -> "Features":

@@ -1,12 +1,31 @@
 """Dataset card: no placeholder once pushed, full citation, a gallery across subsets and organs, tissue crops."""
 from __future__ import annotations
 
+import io
+import json
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from cpia_hf.dataset.card import LICENCE_FILE, REPO_PLACEHOLDER, card_for_repo, pick_gallery, split_card, subset_licences, tissue_crop
+from cpia_hf.dataset.card import (
+    CHART_COLOURS,
+    GALLERY_TILE,
+    LICENCE_FILE,
+    REPO_PLACEHOLDER,
+    card_for_repo,
+    gallery_tile,
+    organ_chart,
+    pick_gallery,
+    split_card,
+    subset_licences,
+    tissue_crop,
+)
+
+REPO = Path(__file__).resolve().parents[1]
 
 AUTHORS = ("Ying, Nan", "Lei, Yanli", "Zhang, Tianyi", "Lyu, Shangqing", "Chen, Sicheng", "Liu, Zeyu", "Feng, Yunlu",
            "Zhao, Yu", "Zhang, Guanglei")
@@ -90,3 +109,68 @@ def test_model_card_licence_link_dataset_card_and_citation_match_the_dataset_car
     assert "[CPIA dataset card](https://github.com/zhanglab2021/CPIA_Dataset)" in local.text
     other = ModelCard.load(write_model_card(tmp_path / "mit", {"model_name": "m", "license": "mit"}))
     assert other.data.license_link is None
+
+
+def _bar_ends(chart: np.ndarray, colour: str) -> list[tuple[int, int]]:
+    """(first row, rightmost column) of each bar drawn in `colour`, top to bottom."""
+    rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+    mask = (chart == rgb).all(axis=2)
+    mask[:50] = False  # the legend's swatches
+    rows = np.flatnonzero(mask.any(axis=1))
+    starts = [r for k, r in enumerate(rows) if k == 0 or rows[k - 1] != r - 1]
+    return [(r, int(np.flatnonzero(mask[r]).max())) for r in starts]
+
+
+def test_organ_chart_bars_are_log_counts_per_organ_and_series(tmp_path: Path) -> None:
+    counts = Counter({("a", "breast", "wsi", "M"): 10, ("a", "breast", "wsi", "S"): 1000, ("b", "breast", "roi", "M"): 3,
+                      ("b", "breast", "roi", "S"): 7, ("c", "lung", "wsi", "M"): 100_000})
+    organ_chart(counts, tmp_path / "chart.png")
+    chart = np.asarray(Image.open(tmp_path / "chart.png").convert("RGB"))
+    (m_breast, m_lung), (s_breast,), (roi_breast,) = (_bar_ends(chart, CHART_COLOURS[k]) for k in (2, 3, 4))
+    assert _bar_ends(chart, CHART_COLOURS[0]) == _bar_ends(chart, CHART_COLOURS[1]) == []  # no XL, no L
+    assert m_breast[0] < s_breast[0] < roi_breast[0] < m_lung[0]  # breast's bars, then lung's
+    decade = (s_breast[1] - m_breast[1]) / 2  # 10 -> 1000
+    assert decade > 40
+    assert abs((m_lung[1] - s_breast[1]) - 2 * decade) <= 2  # 1000 -> 100000
+    assert abs(roi_breast[1] - m_breast[1]) <= 1  # ROI M + S = 10, as many as WSI M
+
+
+def test_gallery_tile_decodes_near_the_shown_scale_and_crops_tissue() -> None:
+    pixels = np.full((960, 960, 3), 240, np.uint8)
+    pixels[600:900, 40:340] = (150, 60, 120)  # tissue in the lower-left corner
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    encoded = Image.open(io.BytesIO(buffer.getvalue()))
+    tile, crop = gallery_tile(encoded, 480)
+    assert tile.size == (GALLERY_TILE, GALLERY_TILE) and crop == 480
+    assert encoded.size == (480, 480)  # decoded at 1/2: its 240 px crop is within the slack of the tile
+    assert (np.asarray(tile).mean(axis=2) < 200).mean() > 0.3  # the crop holds the tissue
+    whole, crop = gallery_tile(Image.open(io.BytesIO(buffer.getvalue())), None)
+    assert crop is None and abs(np.asarray(whole, np.float32).mean() - np.asarray(Image.fromarray(pixels).resize(
+        (GALLERY_TILE, GALLERY_TILE), Image.Resampling.LANCZOS), np.float32).mean()) < 2
+
+
+# The whole run, its forked workers included (they inherit the finder): which watched packages it looks for.
+TRACED_RUN = """
+import sys
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("matplotlib", "pandas"):
+            with open(sys.argv[1], "a") as log:
+                log.write(name + "\\n")
+        return None
+sys.meta_path.insert(0, Watch())
+from cpia_hf.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_conversion_never_imports_matplotlib_or_pandas(demo_build: Path, tmp_path: Path) -> None:
+    sources, log, out = demo_build / "sources", tmp_path / "imports.txt", tmp_path / "dataset"
+    done = subprocess.run([sys.executable, "-c", TRACED_RUN, str(log), "convert", "--catalog",
+                           str(sources / "catalog.yaml"), "--source-root", str(sources), "--out", str(out),
+                           "--no-progress"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "assets" / "organ_composition.png").is_file() and (out / "assets" / "gallery_M.png").is_file()
+    assert not log.exists(), log.read_text()
+    assert json.loads((out / "stats.json").read_text()) == json.loads((demo_build / "dataset" / "stats.json").read_text())

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import zlib
 from collections import Counter, defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ..resources import DATASET_CARD_TEMPLATE, read_resource
-from ..schema import FEATURES_YAML
+from ..schema import FEATURES_YAML, read_columns
 from ..standard import FOLDERS, RELEASE_FOLDERS, SCALE_SIDES, SCALES, STANDARD_MPP, stable_unit_float
 from .catalog import CatalogEntry, subset_slug
 from .coverage import count_rows, coverage, coverage_section
@@ -38,6 +40,7 @@ SIZE_CATEGORIES = ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"
                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B"))
 GALLERY_PER_SCALE = 8
 GALLERY_TILE = 256  # px per gallery tile
+DRAFT_SLACK = 0.9  # a tile may be decoded this much below GALLERY_TILE px and enlarged (a cheaper DCT scale)
 GALLERY_CROP = {"XL": 960, "L": 480}  # XL/L tiles are shown as a tissue-centred crop of this side (detail visible)
 REPO_PLACEHOLDER = "<this repo>"  # in the built card; the card `cpia push` uploads has the repo id in its place
 LICENCE_FILE = "LICENSES.md"
@@ -72,7 +75,7 @@ def read_counts(paths: list[Path]) -> Counter:
     """Rows per (subset, organ, kind, scale), read from the metadata columns only."""
     counts: Counter = Counter()
     for path in paths:
-        table = pq.read_table(path, columns=["subset", "organ", "kind", "scale"])
+        table = read_columns(path, ["subset", "organ", "kind", "scale"])
         counts.update(zip(*(table.column(c).to_pylist() for c in table.column_names)))
     return counts
 
@@ -109,31 +112,96 @@ CHART_SERIES = (("WSI XL", "wsi", ("XL",)), ("WSI L", "wsi", ("L",)), ("WSI M", 
                 ("WSI S", "wsi", ("S",)), ("ROI", "roi", ("L", "M", "S")))
 
 
-def organ_chart(counts: Counter, path: Path) -> None:
-    """Grouped horizontal bars of images per organ, per WSI scale and ROIs, on a log axis (XL and ROI bars are
-    orders of magnitude below M and S at real scale and would vanish on a linear one)."""
-    from matplotlib.figure import Figure  # matplotlib only where a chart is drawn
+CHART_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")  # one per CHART_SERIES
+CHART_WIDTH = 800  # px
+CHART_BAR = 11  # px per bar; an organ's band holds one bar per series and a gap of one bar
+CHART_FONT_SIZE = 13
 
+
+@dataclass(frozen=True)
+class LogAxis:
+    """The chart's x axis: whole decades from `low` to `high` (powers of ten) over the pixels `left`..`right`."""
+
+    low: int
+    high: int
+    left: int
+    right: int
+
+    @classmethod
+    def spanning(cls, values: list[int], left: int, right: int) -> "LogAxis":
+        """Decades that hold every positive value; the axis starts at least half a decade below the smallest one,
+        so that its bar stays visible."""
+        positive = [v for v in values if v > 0] or [1]
+        low = math.floor(math.log10(min(positive)) - 0.5)
+        high = max(math.ceil(math.log10(max(positive))), low + 1)
+        return cls(low, high, left, right)
+
+    def x(self, value: float) -> int:
+        return round(self.left + (math.log10(value) - self.low) / (self.high - self.low) * (self.right - self.left))
+
+
+def series_counts(counts: Counter, organs: list[str]) -> list[list[int]]:
+    """Images per organ (inner list, in `organs` order) of each CHART_SERIES."""
+    by_cell: Counter = Counter()
+    for (_, organ, kind, scale), n in counts.items():
+        by_cell[(organ, kind, scale)] += n
+    return [[sum(by_cell[(organ, kind, scale)] for scale in scales) for organ in organs]
+            for _, kind, scales in CHART_SERIES]
+
+
+def organ_chart(counts: Counter, path: Path) -> None:
+    """Grouped horizontal bars of images per organ, per WSI scale and ROIs, each with its count, on a log axis (XL
+    and ROI bars are orders of magnitude below M and S at real scale and would vanish on a linear one). Drawn with
+    Pillow: a conversion never imports a plotting library."""
     organs = sorted({organ for (_, organ, _, _) in counts})
-    figure = Figure(figsize=(8, 0.55 * len(organs) + 1.6), dpi=100)  # no pyplot: no global state
-    axes = figure.subplots()
-    height = 0.8 / len(CHART_SERIES)
-    for k, (label, kind, scales) in enumerate(CHART_SERIES):
-        values = [sum(n for (_, o, kd, sc), n in counts.items() if o == organ and kd == kind and sc in scales)
-                  for organ in organs]
-        positions = [i + (k - (len(CHART_SERIES) - 1) / 2) * height for i in range(len(organs))]
-        axes.barh(positions, [v if v > 0 else np.nan for v in values], height=height, label=label)
-    axes.set_yticks(range(len(organs)), organs)
-    axes.set_xscale("log")
-    axes.set_xlabel("images (log scale)")
-    axes.set_title("CPIA composition by organ, scale and kind")
-    axes.grid(axis="x", which="major", alpha=0.3)
-    axes.legend(fontsize="small")
-    axes.invert_yaxis()
-    figure.tight_layout()
+    values = series_counts(counts, organs)
+    font = ImageFont.load_default(size=CHART_FONT_SIZE)
+    small = ImageFont.load_default(size=CHART_FONT_SIZE - 3)
+    band = CHART_BAR * (len(CHART_SERIES) + 1)
+    left = max((round(font.getlength(organ)) for organ in organs), default=0) + 20
+    top = 64
+    image = Image.new("RGB", (CHART_WIDTH, top + band * len(organs) + 48), "white")
+    draw = ImageDraw.Draw(image)
+    axis = LogAxis.spanning([v for row in values for v in row], left, CHART_WIDTH - 70)
+    _chart_frame(draw, font, axis, top, top + band * len(organs))
+    for k, organ in enumerate(organs):
+        middle = top + k * band + band // 2
+        draw.text((left - 8, middle), organ, fill="black", font=font, anchor="rm")
+        _chart_bars(draw, small, axis, [row[k] for row in values], middle - CHART_BAR * len(CHART_SERIES) // 2)
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", metadata={"Software": None})
+    image.save(buffer, format="PNG")
     write_atomic(path, buffer.getvalue())
+
+
+def _chart_frame(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, axis: LogAxis, top: int, bottom: int) -> None:
+    """Title, legend, the decade grid with its labels, the axis lines and the axis title."""
+    draw.text((CHART_WIDTH // 2, 8), "CPIA composition by organ, scale and kind", fill="black", font=font, anchor="mt")
+    x = axis.left
+    for (label, _, _), colour in zip(CHART_SERIES, CHART_COLOURS):
+        draw.rectangle((x, 36, x + 14, 46), fill=colour)
+        draw.text((x + 20, 41), label, fill="black", font=font, anchor="lm")
+        x += 40 + round(font.getlength(label))
+    for decade in range(axis.low, axis.high + 1):
+        gx = axis.x(10**decade)
+        draw.line((gx, top, gx, bottom), fill="#dddddd")
+        draw.line((gx, bottom, gx, bottom + 4), fill="black")
+        draw.text((gx, bottom + 6), f"{10**decade:,}", fill="black", font=font, anchor="mt")
+    draw.line((axis.left, top, axis.left, bottom), fill="black")
+    draw.line((axis.left, bottom, axis.right, bottom), fill="black")
+    draw.text(((axis.left + axis.right) // 2, bottom + 26), "images (log scale)", fill="black", font=font, anchor="mt")
+
+
+def _chart_bars(draw: ImageDraw.ImageDraw, font: ImageFont.ImageFont, axis: LogAxis, values: list[int],
+                top: int) -> None:
+    """One organ's bars, one per series from `top` down, each followed by its count; an absent series leaves a
+    gap."""
+    for k, (value, colour) in enumerate(zip(values, CHART_COLOURS)):
+        if value <= 0:
+            continue
+        y = top + k * CHART_BAR
+        end = axis.x(value)
+        draw.rectangle((axis.left + 1, y, end, y + CHART_BAR - 2), fill=colour)
+        draw.text((end + 4, y + CHART_BAR // 2 - 1), f"{value:,}", fill="#444444", font=font, anchor="lm")
 
 
 def gallery_candidates(paths: list[Path]) -> dict[str, list[dict]]:
@@ -198,6 +266,21 @@ def load_images(rows: list[dict]) -> list[Image.Image]:
     return images
 
 
+def gallery_tile(encoded: Image.Image, crop: int | None) -> tuple[Image.Image, int | None]:
+    """The GALLERY_TILE square shown for an encoded tile (a tissue-centred crop of `crop` px when the tile is
+    larger), and the crop's side in the tile's pixels (None when the tile is shown whole)."""
+    full_width = encoded.width
+    shown = min(crop or full_width, *encoded.size)
+    # a JPEG is decoded shrunk in the DCT domain (1/2, 1/4, 1/8) to the scale nearest the shown size
+    reduce = max((r for r in (1, 2, 4, 8) if shown >= r * GALLERY_TILE * DRAFT_SLACK), default=1)
+    encoded.draft("RGB", (encoded.width // reduce, encoded.height // reduce))
+    decoded = encoded if encoded.mode == "RGB" else encoded.convert("RGB")
+    reduce = full_width / decoded.width  # what the decoder did
+    image = tissue_crop(decoded, round(crop / reduce)) if crop else decoded
+    crop_side = round(image.width * reduce) if image.size != decoded.size else None
+    return image.resize((GALLERY_TILE, GALLERY_TILE), Image.Resampling.LANCZOS), crop_side
+
+
 def gallery(rows: list[dict], scale: str, path: Path) -> list[dict]:
     """A sheet of the picked tiles (XL/L as tissue-centred crops) at GALLERY_TILE px; returns the captions."""
     if not rows:
@@ -207,21 +290,15 @@ def gallery(rows: list[dict], scale: str, path: Path) -> list[dict]:
     sheet = Image.new("RGB", ((GALLERY_TILE + 4) * min(per_row, len(rows)) - 4, (GALLERY_TILE + 4) * lines - 4),
                       "white")
     captions = []
-    crop = GALLERY_CROP.get(scale, 10**9)
     for k, (row, encoded) in enumerate(zip(rows, load_images(rows))):
-        full_size = encoded.size
-        # a JPEG is decoded shrunk in the DCT domain (1/2, 1/4, 1/8) as far as the crop still has GALLERY_TILE px
-        reduce = max((r for r in (1, 2, 4, 8) if min(crop, *full_size) >= r * GALLERY_TILE), default=1)
-        encoded.draft("RGB", (full_size[0] // reduce, full_size[1] // reduce))
-        original = encoded.convert("RGB")
-        reduce = full_size[0] / original.width  # what the decoder did
-        image = tissue_crop(original, round(crop / reduce))
-        tile = image.resize((GALLERY_TILE, GALLERY_TILE), Image.Resampling.LANCZOS)
+        tile, crop_side = gallery_tile(encoded, GALLERY_CROP.get(scale))
         sheet.paste(tile, ((k % per_row) * (GALLERY_TILE + 4), (k // per_row) * (GALLERY_TILE + 4)))
         captions.append({"subset": row["subset"], "organ": row["organ"], "image_id": row["image_id"],
-                         "crop": round(image.width * reduce) if image.size != original.size else None})
+                         "crop": crop_side})
     buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG", compress_level=1)  # a photo sheet: level 1 is 10x faster, ~10 % larger
+    # a photo sheet: zlib's fastest level, and run-length matching, which finds as much as longer matches in
+    # filtered photo rows at a fraction of their cost
+    sheet.save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
     write_atomic(path, buffer.getvalue())
     return captions
 
@@ -340,8 +417,8 @@ def subset_licences(out_dir: Path) -> dict[str, str]:
     """Subset -> licence of every row under `out_dir/data`, read from the two metadata columns only."""
     licences: dict[str, str] = {}
     for path in sorted((out_dir / "data").glob("**/*.parquet")):
-        table = pq.read_table(path, columns=["subset", "license"]).group_by(["subset", "license"]).aggregate([])
-        for subset, licence in zip(table.column("subset").to_pylist(), table.column("license").to_pylist()):
+        table = read_columns(path, ["subset", "license"])
+        for subset, licence in dict.fromkeys(zip(*(table.column(c).to_pylist() for c in table.column_names))):
             if licences.setdefault(subset, licence) != licence:
                 raise ValueError(f"{path}: subset {subset!r} has rows under two licences ({licences[subset]!r}, "
                                  f"{licence!r})")

@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 from ..atomic import OutputError
+from ..schema import arrow_without_pandas
 from .catalog import CatalogError, default_catalog_path, load_catalog
-from .cluster import ClusterError
+from .errors import ClusterError
 from .convert import convert, print_report, select_entries
 from .mini import DEFAULT_MINI_FRACTION
 from .tissue import RULES
@@ -72,6 +73,8 @@ def run_convert(args: argparse.Namespace) -> int:
     if not args.source_root.is_dir():
         print(f"error: source root {args.source_root} is not a folder", file=sys.stderr)
         return 2
+    if args.scheduler is None:  # local workers are forks of this process, which only converts
+        arrow_without_pandas()
     try:
         report = convert(
             select_entries(entries, args.subsets),

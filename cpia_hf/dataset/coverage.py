@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..schema import read_columns
 from ..standard import SCALES
 from .catalog import CatalogEntry
 
@@ -46,7 +47,7 @@ def count_rows(config_dir: Path) -> Counter:
     counts: Counter = Counter()
     for path in sorted(config_dir.glob("*/*/*.parquet")):
         try:
-            table = pq.read_table(path, columns=["subset", "scale"])
+            table = read_columns(path, ["subset", "scale"])
         except (OSError, ValueError, pa.ArrowException) as error:
             raise ValueError(f"{path}: unreadable shard ({_first_line(error)}); rerun with --verify-shards to "
                              "rebuild it") from None

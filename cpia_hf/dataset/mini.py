@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from ..schema import read_columns
 from ..standard import MINI_SIDE, SCALE_SIDES, STANDARD_MPP, stable_unit_float
 from .catalog import CatalogEntry, subset_slug
 from .imageio import encode_jpeg
@@ -77,7 +78,7 @@ def read_tile_index(unit_files: list[Path]) -> list[TileKey]:
     """(source_file, scale, x, y) of every row of the given unit files, without reading pixels."""
     keys: list[TileKey] = []
     for path in unit_files:
-        table = pq.read_table(path, columns=["source_file", "scale", "_ix", "_iy"])
+        table = read_columns(path, ["source_file", "scale", "_ix", "_iy"])
         keys.extend(zip(*(table.column(c).to_pylist() for c in table.column_names)))
     return keys
 
@@ -209,7 +210,7 @@ def row_ranks(files: list[Path], seed: int) -> list[list[int]]:
     """Per file, the global rank of each row in the seeded shuffle of all rows of `files`."""
     keys = []  # (key, file, row): ties (practically none) fall back to the stable input order
     for index, path in enumerate(files):
-        table = pq.read_table(path, columns=MIX_KEY_COLUMNS)
+        table = read_columns(path, MIX_KEY_COLUMNS)
         for row, parts in enumerate(zip(*(table.column(c).to_pylist() for c in MIX_KEY_COLUMNS))):
             keys.append((stable_unit_float(seed, "mini-mix", *parts), index, row))
     keys.sort()
@@ -249,7 +250,7 @@ def mix_group(files: list[Path], tmp_dir: Path, group: str, seed: int, shard_byt
     written = []
     for shard in sorted(writers):  # pass 2: each bucket sorted by rank into one shard
         bucket = buckets / f"{shard:05d}.parquet"
-        table = pq.read_table(bucket)
+        table = read_columns(bucket)
         table = table.take(pc.sort_indices(table, [("_rank", "ascending")])).drop_columns(["_rank"])
         series = ShardSeries.one_file(tmp_dir, f"{group}-{shard:05d}")
         series.add(table)

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from .. import __version__
 from ..atomic import FREE_SPACE_MARGIN, atomic_path, output_errors, require_free_space, write_atomic
-from ..schema import ARROW_SCHEMA, COLUMN_OPTIONS
+from ..schema import ARROW_SCHEMA, COLUMN_OPTIONS, read_columns
 from ..standard import FOLDER_OF_SCALE, SCALE_SIDES, STANDARD_MPP
 from .catalog import CatalogEntry, folder_safe, subset_slug
 from .imageio import DEFAULT_JPEG_QUALITY, encode_jpeg
@@ -321,11 +321,11 @@ def merge_pieces(unit: Unit, pieces: tuple[Unit, ...], killed: tuple[Failure, ..
     redone = {file for piece in pieces for file in piece.files} | {f.file for f in killed}
     rows, failures = [], list(killed)
     if cached is not None:  # what the files not converted again gave before
-        rows = [r for r in pq.read_table(parquet_path).to_pylist() if r["source_file"] not in redone]
+        rows = [r for r in read_columns(parquet_path).to_pylist() if r["source_file"] not in redone]
         failures.extend(f for f in cached.failures if f.file not in redone)
     for piece in pieces:
         piece_path, piece_record = unit_paths(work_dir, piece)
-        rows.extend(pq.read_table(piece_path).to_pylist())
+        rows.extend(read_columns(piece_path).to_pylist())
         failures.extend(UnitRecord.read(piece_record).failures)
     order = {file: k for k, file in enumerate(unit.files)}
     failures.sort(key=lambda f: order.get(f.file, len(order)))
@@ -371,7 +371,7 @@ def _merged_items(
     (so the packed shards equal those of a clean run); the files that fail again first."""
     failed = {f.file for f in record.failures}
     retry = Unit(unit.entry, unit.unit_id, tuple(f for f in unit.files if f in failed))
-    rows = pq.read_table(parquet_path).to_pylist()
+    rows = read_columns(parquet_path).to_pylist()
     for item in _unit_items(retry, source_root, options):
         if isinstance(item, Failure):
             yield item
