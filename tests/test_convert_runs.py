@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -337,6 +338,24 @@ def test_damaged_unit_file_is_rebuilt_and_never_reaches_a_shard(sources: Path, t
     assert convert_cli(sources, out, "--subsets", "r,w", "--verify-shards") == 0
     assert f"rebuilt damaged unit file {unit_file}: content differs" in capsys.readouterr().out
     assert unit_file.read_bytes() == original
+    # ... and, without it, by the packing that would read it: nothing of it is packed, the next run converts it
+    flip_image_byte(unit_file)
+    os.utime(unit_file, ns=(stat.st_atime_ns, unit_file.stat().st_mtime_ns - 10**9))
+    os.utime(unit_file.with_suffix(".json"))
+    record = json.loads(unit_file.with_suffix(".json").read_text())
+    record["file"]["mtime_ns"] = unit_file.stat().st_mtime_ns  # damage under the recorded time (bit rot)
+    unit_file.with_suffix(".json").write_text(json.dumps(record))
+    for shard in (out / "data" / "full").rglob("w-*.parquet"):
+        shard.unlink()
+    capsys.readouterr()
+    status = convert_cli(sources, out, "--subsets", "r,w")
+    err = capsys.readouterr().err
+    assert status == 1, err
+    failed = [line for line in err.splitlines() if "not packed" in line]
+    assert any(f"{unit_file}: content differs from the recorded SHA-256" in line for line in failed), failed
+    assert not list((out / "data" / "full").rglob("w-*.parquet"))  # no shard holds the damaged rows
+    assert convert_cli(sources, out, "--subsets", "r,w") == 0
+    assert unit_file.read_bytes() == original and tree_digest(out) == before
 
 
 def test_copied_output_reruns_rewriting_nothing(sources: Path, tmp_path: Path, capsys) -> None:

@@ -36,7 +36,7 @@ from ..atomic import FREE_SPACE_MARGIN, atomic_path, output_errors, require_free
 from ..schema import COLUMNS, open_shard_writer, write_shard_table
 from ..standard import FOLDER_OF_SCALE, FOLDERS
 from .stamps import FileStamp
-from .units import ROW_GROUP_BYTES, RowGroupBytes, read_record
+from .units import ROW_GROUP_BYTES, RowGroupBytes, read_record, require_intact
 
 SHARD_BYTES = 500 * 1000 * 1000
 
@@ -295,6 +295,7 @@ def write_planned_shard(plan: ShardPlan, config_dir: Path, record_dir: Path, ver
 
 
 def _write_plan(plan: ShardPlan, config_dir: Path) -> tuple[list[Path], int]:
+    require_intact(sorted({Path(path) for path, _, _ in plan.pieces}))
     series = ShardSeries.one_file(config_dir / plan.folder / plan.slug, plan.slug, plan.index, plan.group_bytes)
     try:
         for path, start, end in plan.pieces:
@@ -418,6 +419,7 @@ def remove_stale(root: Path, pattern: str, keep: set[Path]) -> list[Path]:
 def _write_shards(
     unit_files: list[Path], config_dir: Path, slug: str, transform: RowFilter | None
 ) -> tuple[list[Path], dict[str, int]]:
+    require_intact(unit_files)
     series: dict[str, ShardSeries] = {}
     try:
         for table in iter_unit_batches(unit_files, transform):

@@ -163,6 +163,24 @@ class UnitRecord:
         return self.stamp.damage(path, verify)
 
 
+class DamagedUnitFile(Exception):
+    """A unit file whose content no longer matches the stamp recorded when it was written."""
+
+
+def require_intact(unit_files: list[Path]) -> None:
+    """Before unit files' rows go into a shard: each file's whole content against the SHA-256 recorded when it was
+    written (packing reads them anyway, so this costs a hash, not another read from disk). DamagedUnitFile stops
+    this packing; the damaged file's record is marked so that the next run checks it and converts its unit again."""
+    for path in unit_files:
+        record_path = path.with_suffix(".json")
+        record = UnitRecord.read(record_path)
+        damage = record.file_damage(path, verify=True) if record is not None else None
+        if damage:
+            replace(record, stamp=replace(record.stamp, mtime_ns=-1)).write(record_path)  # a time no file has
+            raise DamagedUnitFile(f"unit file {damage}: not packed; the next run converts it again (rerun the same "
+                                  "command)")
+
+
 def discover_units(
     entry: CatalogEntry, source_root: Path, roi_chunk: int = ROI_CHUNK_FILES, skipped: list[Skipped] | None = None,
     out_dir: Path | None = None, outputs_found: dict[Path, int] | None = None,
