@@ -352,7 +352,7 @@ def test_damaged_unit_file_is_rebuilt_and_never_reaches_a_shard(sources: Path, t
     err = capsys.readouterr().err
     assert status == 1, err
     failed = [line for line in err.splitlines() if "not packed" in line]
-    assert any(f"{unit_file}: content differs from the recorded SHA-256" in line for line in failed), failed
+    assert len(failed) == 1 and f"{unit_file}: content differs from the recorded SHA-256" in failed[0], err
     assert not list((out / "data" / "full").rglob("w-*.parquet"))  # no shard holds the damaged rows
     assert convert_cli(sources, out, "--subsets", "r,w") == 0
     assert unit_file.read_bytes() == original and tree_digest(out) == before

@@ -5,6 +5,7 @@ import csv
 import io
 import logging
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -376,8 +377,8 @@ def print_report(report: ConvertReport, out_dir: Path, verbose: bool = False) ->
               f"{out_dir / FAILURE_LIST}):", file=sys.stderr)
         for failure in report.failures:
             print(f"  {failure.line()}", file=sys.stderr)
-    for step in report.step_failures:
-        print(f"FAILED: {step.line()}", file=sys.stderr)
+    for line, jobs in Counter(step.line() for step in report.step_failures).items():  # one line per cause
+        print(f"FAILED: {line}{f' ({jobs} jobs)' if jobs > 1 else ''}", file=sys.stderr)
     if report.failures or report.step_failures:
         return 1
     if report.empty:
