@@ -70,11 +70,18 @@ def die_with_parent() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
-    _set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+    killed_with_parent(parent)
     threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
     _process_check = lambda: _require_parent(parent)  # noqa: E731
+
+
+def killed_with_parent(parent: int) -> None:
+    """In a child of `parent`: ask the kernel for SIGKILL when the parent dies, and exit now if it already has
+    (between the fork and the request). The one place both the conversion's workers and the DataLoader's
+    workers (`cpia_hf.model.workers`) tie their life to their parent's."""
+    _set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _set_parent_death_signal(signum: int) -> bool:

@@ -8,14 +8,13 @@ leaves no worker behind.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
-import signal
 import sys
 from collections.abc import Callable
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+from ..lifetime import killed_with_parent
+
 _capped_once: list[int] = []  # the cap is said once per process
 
 
@@ -40,11 +39,7 @@ def capped_workers(requested: int) -> int:
 
 def _die_with_parent(parent_pid: int, worker_id: int) -> None:
     """worker_init_fn: SIGKILL this worker when its parent dies (Linux); exit now if it already has."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
-        os._exit(1)
+    killed_with_parent(parent_pid)
 
 
 def worker_init() -> Callable[[int], None]:
