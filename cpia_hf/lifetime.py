@@ -16,8 +16,6 @@ files removed) and which the `cpia` entry point reports in one line.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
 import signal
@@ -87,7 +85,9 @@ def killed_with_parent(parent: int) -> None:
 def _set_parent_death_signal(signum: int) -> bool:
     """Linux prctl(PR_SET_PDEATHSIG); False where it is not available (the watch thread still runs)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        import ctypes  # only a worker process asks the kernel; the run's start-up does not load it
+
+        libc = ctypes.CDLL(None, use_errno=True)  # this process's own symbols, libc's included
         return libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
