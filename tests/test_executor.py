@@ -58,3 +58,36 @@ def test_the_initializer_runs_in_every_worker_process(tmp_path: Path) -> None:
 
 def test_both_executors_satisfy_the_protocol() -> None:
     assert isinstance(LocalExecutor(1), Executor) and isinstance(DaskExecutor("tcp://127.0.0.1:1"), Executor)
+
+
+def worker_pid(k: int) -> int:
+    if k == 99:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_one_pool_serves_every_map_of_a_with_block_and_ends_with_it() -> None:
+    with LocalExecutor(1) as executor:
+        first = {r.value for r in executor.map(worker_pid, [(k,) for k in range(3)], "stage 1", progress=False)}
+        second = {r.value for r in executor.map(worker_pid, [(k,) for k in range(3)], "stage 2", progress=False)}
+        assert len(first) == 1 and second == first  # the workers started once, not once per stage
+        killed = executor.map(worker_pid, [(0,), (99,)], "stage 3", progress=False)
+        assert isinstance(killed[1].error, WorkerKilled) and killed[0].ok
+        after = {r.value for r in executor.map(worker_pid, [(k,) for k in range(3)], "stage 4", progress=False)}
+        assert len(after) == 1 and after != first  # a new pool once a worker died
+        assert all(alive(pid) for pid in after)
+    assert not any(alive(pid) for pid in first | after)
+
+
+def test_a_map_outside_a_with_block_leaves_no_worker() -> None:
+    executor = LocalExecutor(2)
+    pids = {r.value for r in executor.map(worker_pid, [(k,) for k in range(4)], "jobs", progress=False)}
+    assert pids and not any(alive(pid) for pid in pids)

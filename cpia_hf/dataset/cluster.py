@@ -22,14 +22,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 from typing import Callable, Sequence, TypeVar
-
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..lifetime import RunGuard, current_guard, guarded_by
 from .errors import ClusterError, WorkerKilled
+from .executor import progress_bar
 from .results import Outcome
 
 logger = logging.getLogger(__name__)
@@ -126,7 +124,7 @@ class DaskExecutor:
         index = {future.key: k for k, future in enumerate(futures)}
         results: list = [None] * len(futures)
         failed = rows = 0
-        bar = tqdm(total=len(futures), desc=desc, unit="unit", disable=not progress, file=sys.stderr)
+        bar = progress_bar(len(futures), desc, progress)
         for future in _while_connected(as_completed(futures, loop=self.client.loop), self.client, self.address):
             result = _outcome(future)
             results[index[future.key]] = result

@@ -7,10 +7,12 @@ executors satisfy it: `LocalExecutor` here (`--workers N`) and `cluster.DaskExec
 
 Locally every job runs in a child process, also with one worker: a slide whose decoder segfaults or
 whose memory gets the process killed by the kernel must not take the run down. Jobs go to a
-`ProcessPoolExecutor` with at most `workers` of them in flight; when a worker dies the pool breaks
-(`BrokenProcessPool`) and every job in flight is a suspect. The pool is rebuilt for the remaining
-jobs, and each suspect is retried once, alone in its own process: a suspect that completes there was
-a bystander, one that dies again is the culprit and its outcome is a `WorkerKilled` naming the signal.
+`ProcessPoolExecutor` with at most `workers` of them in flight; within a `with` block every `map`
+uses the same pool, so the workers start (and import what the jobs need) once per run, not once per
+stage. When a worker dies the pool breaks (`BrokenProcessPool`) and every job in flight is a suspect.
+The pool is rebuilt for the remaining jobs, and each suspect is retried once, alone in its own
+process: a suspect that completes there was a bystander, one that dies again is the culprit and its
+outcome is a `WorkerKilled` naming the signal.
 """
 from __future__ import annotations
 
@@ -23,8 +25,6 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Protocol, Sequence, TypeVar, runtime_checkable
-
-from tqdm.auto import tqdm
 
 from ..atomic import OutputError
 from ..lifetime import die_with_parent
@@ -48,6 +48,25 @@ class Executor(Protocol):
     def map(self, fn: Callable[..., T], jobs: Sequence[tuple], desc: str, progress: bool) -> list[Outcome[T]]:
         """`fn(*args)` for each tuple of `jobs`, with a progress bar named `desc` when `progress`."""
         ...
+
+
+class _SilentBar:
+    """The bar of a run without progress bars: it shows nothing, and such a run never imports tqdm."""
+
+    def update(self, n: int = 1) -> None: ...
+
+    def set_postfix(self, **values: object) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def progress_bar(total: int, desc: str, progress: bool):
+    """A tqdm bar of `total` jobs on stderr, or a silent one without `progress`."""
+    if not progress:
+        return _SilentBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="unit", file=sys.stderr)
 
 
 def death_reason(exitcode: int | None) -> str:
@@ -74,15 +93,29 @@ class LocalExecutor:
     def __init__(self, workers: int, initializer: Initializer | None = die_with_parent):
         self.workers = max(1, workers)
         self.initializer = initializer
+        self._held = False  # inside `with`: the pool is kept from one map to the next
+        self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> "LocalExecutor":
+        self._held = True
         return self
 
     def __exit__(self, *exc) -> None:
-        return None
+        self._held = False
+        self._close_pool()
+
+    def _live_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, initializer=self.initializer)
+        return self._pool
+
+    def _close_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def map(self, fn: Callable[..., T], jobs: Sequence[tuple], desc: str, progress: bool) -> list[Outcome[T]]:
-        bar = tqdm(total=len(jobs), desc=desc, unit="unit", disable=not progress, file=sys.stderr)
+        bar = progress_bar(len(jobs), desc, progress)
         results: list = [None] * len(jobs)
         suspects = self._run_pool(fn, jobs, results, bar)
         for index in suspects:
@@ -96,22 +129,32 @@ class LocalExecutor:
         """Run all jobs; returns the indexes of those in flight when a worker died (not yet done)."""
         todo = deque(range(len(jobs)))
         suspects: list[int] = []
-        while todo:
-            with ProcessPoolExecutor(max_workers=self.workers, initializer=self.initializer) as pool:
-                running: dict[Future, int] = {}
-                broken = False
-                while (todo or running) and not broken:
-                    broken = not _fill(pool, fn, jobs, todo, running, self.workers)
-                    if broken or not running:
-                        break
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        broken |= _collect(future, running.pop(future), results, suspects, bar)
-                if broken:  # the pool is gone: every job in flight ends as broken (or already finished)
-                    wait(running)
-                    for future, index in running.items():
-                        _collect(future, index, results, suspects, bar)
+        try:
+            while todo:
+                if self._run_until_broken(self._live_pool(), fn, jobs, todo, results, suspects, bar):
+                    self._close_pool()  # the pool is gone: a new one for the jobs left
+        finally:
+            if not self._held:
+                self._close_pool()
         return suspects
+
+    def _run_until_broken(self, pool: ProcessPoolExecutor, fn: Callable, jobs: Sequence[tuple], todo: deque,
+                          results: list, suspects: list[int], bar) -> bool:
+        """Run jobs of `todo` on `pool` until none is left or a worker dies; True when it died."""
+        running: dict[Future, int] = {}
+        broken = False
+        while (todo or running) and not broken:
+            broken = not _fill(pool, fn, jobs, todo, running, self.workers)
+            if broken or not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                broken |= _collect(future, running.pop(future), results, suspects, bar)
+        if broken:  # every job in flight ends as broken (or already finished)
+            wait(running)
+            for future, index in running.items():
+                _collect(future, index, results, suspects, bar)
+        return broken
 
 
 def _fill(pool: ProcessPoolExecutor, fn: Callable, jobs: Sequence[tuple], todo: deque, running: dict,
