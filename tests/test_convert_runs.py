@@ -358,6 +358,31 @@ def test_damaged_unit_file_is_rebuilt_and_never_reaches_a_shard(sources: Path, t
     assert unit_file.read_bytes() == original and tree_digest(out) == before
 
 
+def test_a_unit_file_is_hashed_once_by_the_run_that_writes_it(sources: Path, tmp_path: Path, monkeypatch) -> None:
+    from cpia_hf.dataset import stamps
+
+    log = tmp_path / "hashed.txt"
+    real = stamps.file_sha256
+
+    def logged(path: Path) -> str:  # the workers are forks of this process: they log too
+        with log.open("a") as stream:
+            stream.write(f"{path}\n")
+        return real(path)
+
+    monkeypatch.setattr(stamps, "file_sha256", logged)
+    out = tmp_path / "out"
+    assert convert_cli(sources, out, "--subsets", "r,w") == 0
+    hashed = log.read_text().splitlines()
+    unit_files = sorted(str(p) for p in (out / ".work" / "units").rglob("*.parquet"))
+    assert len(unit_files) == 4 and sorted(h for h in hashed if h in unit_files) == unit_files  # as written, once
+    # a rerun that packs again reuses the unit files: packing checks each one before its rows go into a shard
+    for shard in (out / "data" / "full").rglob("*.parquet"):
+        shard.unlink()
+    log.unlink()
+    assert convert_cli(sources, out, "--subsets", "r,w") == 0
+    assert set(unit_files) <= set(log.read_text().splitlines())
+
+
 def test_copied_output_reruns_rewriting_nothing(sources: Path, tmp_path: Path, capsys) -> None:
     import subprocess
 

@@ -97,10 +97,13 @@ def convert(
         report = ConvertReport()
         units = _discover(entries, source_root, out_dir, report)
         with _executor(workers, scheduler) as executor:
-            _convert_units(executor, units, source_root, out_dir / ".work", options, verify_shards, progress, report)
-            _pack(executor, entries, units, out_dir, configs, options, mini_fraction, verify_shards, progress, report)
+            written = _convert_units(executor, units, source_root, out_dir / ".work", options, verify_shards, progress,
+                                     report)
+            _pack(executor, entries, units, out_dir, configs, options, mini_fraction, verify_shards, written, progress,
+                  report)
             if not verify_shards and unreadable_shards(out_dir / "data"):  # damage under an unchanged size and time
-                _pack(executor, entries, units, out_dir, configs, options, mini_fraction, True, progress, report)
+                _pack(executor, entries, units, out_dir, configs, options, mini_fraction, True, written, progress,
+                      report)
         _write_failure_list(out_dir, report)
         report.empty = not any(n for rows in report.rows.values() for n in rows.values())
         if report.empty:  # nothing to publish: no card that declares no config
@@ -157,22 +160,28 @@ def _output_folder_note(folder: Path, files: int) -> Skipped:
 def _convert_units(
     executor: Executor, units: list[Unit], source_root: Path, work_dir: Path, options: ConvertOptions, verify: bool,
     progress: bool, report: ConvertReport,
-) -> None:
+) -> frozenset[Path]:
+    """Convert (or reuse) every unit; failures and skipped files go into the report. Returns the unit files this
+    run wrote (hashed as they were written, so packing need not hash them again)."""
     outcomes = executor.map(convert_unit, [(u, source_root, work_dir, options, verify) for u in units],
                             "convert units", progress)
     _stop_on_output_error(outcomes)
     outcomes = _isolate_killers(executor, units, outcomes, source_root, work_dir, options, verify, progress)
+    written = set()
     for unit, outcome in zip(units, outcomes):
         subset = unit.entry.name
         if not outcome.ok:
             report.failures.append(Failure(_unit_name(unit), outcome.reason(), subset))
             continue
         result = outcome.value
+        if not result.skipped:
+            written.add(unit_paths(work_dir, unit)[0])
         report.skipped_units += result.skipped
         if result.rebuilt:
             report.rebuilt_units.append(result.rebuilt)
         report.failures.extend(f.of_subset(subset) for f in result.failures)
         report.skipped.extend(f.of_subset(subset) for f in result.skipped_files)
+    return frozenset(written)
 
 
 @dataclass
@@ -231,24 +240,26 @@ def _isolate_killers(
 
 def _pack(
     executor: Executor, entries: list[CatalogEntry], units: list[Unit], out_dir: Path, configs: tuple[str, ...],
-    options: ConvertOptions, mini_fraction: float, verify: bool, progress: bool, report: ConvertReport,
+    options: ConvertOptions, mini_fraction: float, verify: bool, written: frozenset[Path], progress: bool,
+    report: ConvertReport,
 ) -> None:
-    """Pack the converted units of every entry into the shards of each config."""
+    """Pack the converted units of every entry into the shards of each config (`written`: the unit files this run
+    wrote, see `units.require_intact`)."""
     work_dir = out_dir / ".work"
     done = {e.name: _unit_files(work_dir, [u for u in units if u.entry is e]) for e in entries}
     if "full" in configs:
         report.rows["full"] = _pack_full(executor, entries, done, out_dir / "data" / "full", work_dir / "pack" / "full",
-                                         verify, progress, report)
+                                         verify, written, progress, report)
     if "mini" in configs:
         quota = mini_cells(entries, {name: files for name, (files, _) in done.items()}, mini_fraction)
-        jobs = [_mini_job(e, *done[e.name], quota.get(e.name), options, work_dir, verify) for e in entries]
+        jobs = [_mini_job(e, *done[e.name], quota.get(e.name), options, work_dir, verify, written) for e in entries]
         report.rows["mini"] = _sum_rows(executor.map(pack_mini_subset, [(job,) for job in jobs], "pack mini", progress),
                                         report)
         _mix_mini(entries, out_dir, work_dir, jobs, options.seed, verify, report)
 
 
 def _pack_full(executor: Executor, entries: list[CatalogEntry], done: dict[str, tuple[list[Path], list[UnitRecord]]],
-               config_dir: Path, record_dir: Path, verify: bool, progress: bool,
+               config_dir: Path, record_dir: Path, verify: bool, written: frozenset[Path], progress: bool,
                report: ConvertReport) -> dict[str, int]:
     """Plan every subset's shards (a job per subset, reading only the unit files' image sizes), write each shard as
     a job of its own, then remove the shards no longer planned."""
@@ -261,7 +272,8 @@ def _pack_full(executor: Executor, entries: list[CatalogEntry], done: dict[str, 
         if not outcome.ok:
             report.step_failures.append(StepFailure(f"[{entry.name}] planning shards", outcome.reason()))
     plans: list[ShardPlan] = [plan for outcome in planned if outcome.ok for plan in outcome.value]
-    rows = _sum_rows(executor.map(write_planned_shard, [(p, config_dir, record_dir, verify) for p in plans],
+    jobs = [(plan, config_dir, record_dir, verify, written & plan.unit_files()) for plan in plans]
+    rows = _sum_rows(executor.map(write_planned_shard, jobs,
                                   "pack full", progress), report)
     for slug, outcome in zip(slugs, planned):
         if outcome.ok:
@@ -270,9 +282,9 @@ def _pack_full(executor: Executor, entries: list[CatalogEntry], done: dict[str, 
 
 
 def _mini_job(entry: CatalogEntry, files: list[Path], records: list[UnitRecord], cells: int | None,
-              options: ConvertOptions, work_dir: Path, verify: bool) -> MiniJob:
+              options: ConvertOptions, work_dir: Path, verify: bool, written: frozenset[Path]) -> MiniJob:
     key = pack_key(pack_key("mini", [r.content() for r in records]), cells)
-    return MiniJob(entry, tuple(files), key, cells, options, work_dir, verify)
+    return MiniJob(entry, tuple(files), key, cells, options, work_dir, verify, written.intersection(files))
 
 
 def _executor(workers: int, scheduler: str | None) -> Executor:

@@ -166,6 +166,7 @@ class MiniJob:
     options: ConvertOptions
     work_dir: Path
     verify: bool = False
+    written: frozenset[Path] = frozenset()  # unit files this run wrote (`units.require_intact`)
 
 
 def pack_mini_subset(job: MiniJob) -> PackResult:
@@ -177,7 +178,7 @@ def pack_mini_subset(job: MiniJob) -> PackResult:
     else:
         transform = roi_transform(job.entry, job.options.jpeg_quality)
     return pack_subset(files, job.work_dir / MINI_SUBSETS, subset_slug(job.entry.name),
-                       job.work_dir / "pack" / MINI_SUBSETS, job.key, transform, job.verify)
+                       job.work_dir / "pack" / MINI_SUBSETS, job.key, transform, job.verify, job.written)
 
 
 def _resized(table: pa.Table, quality: int) -> pa.Table:

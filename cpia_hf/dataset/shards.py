@@ -101,7 +101,7 @@ class ShardSeries:
         return cls(folder, slug, shard_bytes=None, first_index=index, group_bytes=group_bytes)
 
     def add(self, table: pa.Table) -> None:
-        sizes = pc.binary_length(table.column("image").combine_chunks().field("bytes")).to_pylist()
+        sizes = pc.binary_length(pc.struct_field(table.column("image"), "bytes")).to_pylist()  # chunk by chunk: no copy
         start = 0
         for end, size in enumerate(sizes, start=1):
             group_bytes, shard_closes = self._rolling.add(size)
@@ -167,6 +167,9 @@ class ShardPlan:
     rows: int
     key: str  # identifies the inputs: unit fingerprints, row ranges, layout
     group_bytes: int = ROW_GROUP_BYTES
+
+    def unit_files(self) -> set[Path]:
+        return {Path(path) for path, _, _ in self.pieces}
 
     @property
     def name(self) -> str:
@@ -286,16 +289,18 @@ def shard_record_path(record_dir: Path, folder: str, shard_file: str) -> Path:
     return record_dir / folder / Path(shard_file).with_suffix(".json").name
 
 
-def write_planned_shard(plan: ShardPlan, config_dir: Path, record_dir: Path, verify: bool = False) -> PackResult:
+def write_planned_shard(plan: ShardPlan, config_dir: Path, record_dir: Path, verify: bool = False,
+                        written: frozenset[Path] = frozenset()) -> PackResult:
     """Write one planned shard unless its record holds the same key and the shard is intact (a damaged one is
-    named in the result and rebuilt byte for byte)."""
+    named in the result and rebuilt byte for byte). `written`: unit files this run wrote (`require_intact`)."""
     record_path = shard_record_path(record_dir, plan.folder, shard_name(plan.slug, plan.index))
-    rows, damage = cached_output(record_path, config_dir, plan.key, verify, lambda: _write_plan(plan, config_dir))
+    rows, damage = cached_output(record_path, config_dir, plan.key, verify,
+                                 lambda: _write_plan(plan, config_dir, written))
     return PackResult({plan.folder: rows}, damage)
 
 
-def _write_plan(plan: ShardPlan, config_dir: Path) -> tuple[list[Path], int]:
-    require_intact(sorted({Path(path) for path, _, _ in plan.pieces}))
+def _write_plan(plan: ShardPlan, config_dir: Path, written: frozenset[Path]) -> tuple[list[Path], int]:
+    require_intact(sorted(plan.unit_files()), written)
     series = ShardSeries.one_file(config_dir / plan.folder / plan.slug, plan.slug, plan.index, plan.group_bytes)
     try:
         for path, start, end in plan.pieces:
@@ -332,15 +337,17 @@ def pack_subset(
     key: str,
     transform: RowFilter | None = None,
     verify: bool = False,
+    written: frozenset[Path] = frozenset(),
 ) -> PackResult:
     """Pack one subset's unit files into shards under `config_dir/<folder>/<slug>/` (a cached output, see
     `cached_output`; shards left by an earlier pack of the subset that are no longer part of it are removed).
 
-    `key` identifies the inputs (unit records and selection).
+    `key` identifies the inputs (unit records and selection); `written`: unit files this run wrote
+    (`require_intact`).
     """
     key = pack_key(key, FOLDER_OF_SCALE)  # a change of folder layout repacks (and removes the old files)
     rows, damage = cached_output(record_dir / f"{slug}.json", config_dir, key, verify,
-                                 lambda: _write_shards(unit_files, config_dir, slug, transform),
+                                 lambda: _write_shards(unit_files, config_dir, slug, transform, written),
                                  stale=f"*/{slug}/*.parquet*")
     return PackResult(rows, damage)
 
@@ -417,9 +424,9 @@ def remove_stale(root: Path, pattern: str, keep: set[Path]) -> list[Path]:
 
 
 def _write_shards(
-    unit_files: list[Path], config_dir: Path, slug: str, transform: RowFilter | None
+    unit_files: list[Path], config_dir: Path, slug: str, transform: RowFilter | None, written: frozenset[Path]
 ) -> tuple[list[Path], dict[str, int]]:
-    require_intact(unit_files)
+    require_intact(unit_files, written)
     series: dict[str, ShardSeries] = {}
     try:
         for table in iter_unit_batches(unit_files, transform):

@@ -18,7 +18,7 @@ import os
 from contextlib import suppress
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -167,11 +167,14 @@ class DamagedUnitFile(Exception):
     """A unit file whose content no longer matches the stamp recorded when it was written."""
 
 
-def require_intact(unit_files: list[Path]) -> None:
+def require_intact(unit_files: list[Path], written: Collection[Path] = ()) -> None:
     """Before unit files' rows go into a shard: each file's whole content against the SHA-256 recorded when it was
     written (packing reads them anyway, so this costs a hash, not another read from disk). DamagedUnitFile stops
-    this packing; the damaged file's record is marked so that the next run checks it and converts its unit again."""
+    this packing; the damaged file's record is marked so that the next run checks it and converts its unit again.
+    Files in `written` were written, and hashed as they were, by this run: they are not hashed again."""
     for path in unit_files:
+        if path in written:
+            continue
         record_path = path.with_suffix(".json")
         record = UnitRecord.read(record_path)
         damage = record.file_damage(path, verify=True) if record is not None else None
