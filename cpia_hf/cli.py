@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .lifetime import Interrupted, stop_on_signals
@@ -18,6 +19,9 @@ COMMANDS = {
     "export": ("cpia_hf.model.cli", "export a trained encoder for transformers and timm"),
     "eval": ("cpia_hf.evaluate.cli", "kNN, linear probe or fine-tuning evaluation"),
 }
+# Commands whose process (and the workers it forks) does no linear algebra: numpy's BLAS gets one thread. The
+# threads it starts on import cost CPU in every such process and would oversubscribe the cores of N workers.
+ONE_BLAS_THREAD = ("convert",)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -37,6 +41,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
+    if command in ONE_BLAS_THREAD:  # before numpy is imported; an explicit setting wins
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         with stop_on_signals():  # Ctrl-C, SIGTERM, SIGHUP: workers killed, lock released, one line
             return _run(command, argv)

@@ -1,6 +1,7 @@
 """The `cpia` command: subcommands listed without heavy imports, bad input answered without a traceback."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,27 @@ def test_missing_data_is_an_error_message(tmp_path: Path, capsys) -> None:
     status = main(["train", "--method", "mae", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "run")])
     assert status == 2
     assert "absent" in capsys.readouterr().err
+
+
+def test_convert_runs_numpy_blas_on_one_thread(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    try:
+        main(["sources", "--help"])
+    except SystemExit:
+        pass
+    assert "OPENBLAS_NUM_THREADS" not in os.environ  # only the conversion's processes
+    try:
+        main(["convert", "--help"])
+    except SystemExit:
+        pass
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    try:
+        main(["convert", "--help"])
+    except SystemExit:
+        pass
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "3"  # an explicit setting wins
+    # set before numpy starts its threads: the command module does not import numpy
+    probe = subprocess.run([sys.executable, "-c", "import sys, cpia_hf.cli; print('numpy' in sys.modules)"],
+                           capture_output=True, text=True)
+    assert probe.stdout.strip() == "False"
