@@ -18,6 +18,7 @@ from cpia_hf.dataset.card import (
     REPO_PLACEHOLDER,
     card_for_repo,
     gallery_tile,
+    load_images,
     organ_chart,
     pick_gallery,
     split_card,
@@ -150,12 +151,30 @@ def test_gallery_tile_decodes_near_the_shown_scale_and_crops_tissue() -> None:
         (GALLERY_TILE, GALLERY_TILE), Image.Resampling.LANCZOS), np.float32).mean()) < 2
 
 
+def test_gallery_images_are_the_rows_asked_for_across_row_groups_and_batches(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def encoded(k: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (k * 8, 255 - k * 8, 7)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    path = tmp_path / "shard.parquet"
+    table = pa.table({"image": [{"bytes": encoded(k), "path": None} for k in range(30)]})
+    pq.write_table(table, path, row_group_size=12)  # rows 0-11, 12-23, 24-29
+    wanted = [(1, 3), (0, 11), (0, 0), (2, 5), (0, 9), (1, 3)]  # (row group, index in it), unsorted, one twice
+    rows = [{"path": path, "group": group, "index": index} for group, index in wanted]
+    shown = [np.asarray(image.convert("RGB"))[0, 0, 0] for image in load_images(rows)]
+    assert shown == [(12 * group + index) * 8 for group, index in wanted]
+
+
 # The whole run, its forked workers included (they inherit the finder): which watched packages it looks for.
 TRACED_RUN = """
 import sys
 class Watch:
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("matplotlib", "pandas"):
+        if name.partition(".")[0] in ("matplotlib", "pandas", "tqdm"):
             with open(sys.argv[1], "a") as log:
                 log.write(name + "\\n")
         return None
@@ -165,12 +184,12 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_a_conversion_never_imports_matplotlib_or_pandas(demo_build: Path, tmp_path: Path) -> None:
+def test_a_conversion_never_imports_matplotlib_or_pandas_nor_without_bars_tqdm(demo_build: Path, tmp_path: Path) -> None:
     sources, log, out = demo_build / "sources", tmp_path / "imports.txt", tmp_path / "dataset"
     done = subprocess.run([sys.executable, "-c", TRACED_RUN, str(log), "convert", "--catalog",
                            str(sources / "catalog.yaml"), "--source-root", str(sources), "--out", str(out),
                            "--no-progress"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / "assets" / "organ_composition.png").is_file() and (out / "assets" / "gallery_M.png").is_file()
+    assert (out / "assets" / "organ_composition.png").is_file() and (out / "assets" / "gallery_M.jpg").is_file()
     assert not log.exists(), log.read_text()
     assert json.loads((out / "stats.json").read_text()) == json.loads((demo_build / "dataset" / "stats.json").read_text())

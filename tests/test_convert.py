@@ -157,9 +157,10 @@ def test_card_counts_equal_rows(demo_build: Path) -> None:
         assert line.rstrip(" |").split("|")[-1].strip() == str(n)
     total = next(l for l in text.splitlines() if l.startswith("| **Total** |"))
     assert total.rstrip(" |").split("|")[-1].strip() == str(len(rows))
-    for png in ("organ_composition.png", "gallery_XL.png", "gallery_L.png", "gallery_M.png", "gallery_S.png"):
-        assert Image.open(dataset / "assets" / png).format == "PNG"
-        assert f"assets/{png}" in text
+    assets = {"organ_composition.png": "PNG", **{f"gallery_{scale}.jpg": "JPEG" for scale in ("XL", "L", "M", "S")}}
+    for name, image_format in assets.items():
+        assert Image.open(dataset / "assets" / name).format == image_format
+        assert f"assets/{name}" in text
 
 
 def test_rerun_after_success_changes_nothing(demo_build: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import zlib
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import jinja2
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from PIL import Image, ImageDraw, ImageFont
@@ -42,6 +40,8 @@ GALLERY_PER_SCALE = 8
 GALLERY_TILE = 256  # px per gallery tile
 DRAFT_SLACK = 0.9  # a tile may be decoded this much below GALLERY_TILE px and enlarged (a cheaper DCT scale)
 GALLERY_CROP = {"XL": 960, "L": 480}  # XL/L tiles are shown as a tissue-centred crop of this side (detail visible)
+GALLERY_READ_ROWS = 8  # rows per batch read from a shard for the gallery
+GALLERY_QUALITY = 90  # JPEG quality of the gallery sheets (the tiles' default)
 REPO_PLACEHOLDER = "<this repo>"  # in the built card; the card `cpia push` uploads has the repo id in its place
 LICENCE_FILE = "LICENSES.md"
 STATS_FILE = "stats.json"  # rows per (subset, organ, kind, scale) of every declared config
@@ -255,15 +255,22 @@ def tissue_crop(image: Image.Image, side: int) -> Image.Image:
 
 
 def load_images(rows: list[dict]) -> list[Image.Image]:
-    """The (still encoded, lazily decoded) images of gallery rows; each shard row group is read once."""
-    groups: dict[tuple[Path, int], pa.Array] = {}
-    images = []
+    """The (still encoded, lazily decoded) images of gallery rows. Each shard row group is read once, in batches of
+    GALLERY_READ_ROWS rows up to the last row wanted: a whole row group's images (up to 64 MB) are never held."""
+    wanted: dict[tuple[Path, int], set[int]] = defaultdict(set)
     for row in rows:
-        where = (row["path"], row["group"])
-        if where not in groups:
-            groups[where] = pq.ParquetFile(row["path"]).read_row_group(row["group"], columns=["image"]).column("image")
-        images.append(Image.open(io.BytesIO(groups[where][row["index"]]["bytes"].as_py())))
-    return images
+        wanted[(row["path"], row["group"])].add(row["index"])
+    encoded: dict[tuple[Path, int, int], bytes] = {}
+    for (path, group), indexes in wanted.items():
+        start = 0
+        for batch in pq.ParquetFile(path).iter_batches(GALLERY_READ_ROWS, row_groups=[group], columns=["image"]):
+            images = batch.column("image")
+            for index in indexes & set(range(start, start + batch.num_rows)):
+                encoded[(path, group, index)] = images[index - start]["bytes"].as_py()
+            start += batch.num_rows
+            if start > max(indexes):
+                break
+    return [Image.open(io.BytesIO(encoded[(row["path"], row["group"], row["index"])])) for row in rows]
 
 
 def gallery_tile(encoded: Image.Image, crop: int | None) -> tuple[Image.Image, int | None]:
@@ -296,9 +303,7 @@ def gallery(rows: list[dict], scale: str, path: Path) -> list[dict]:
         captions.append({"subset": row["subset"], "organ": row["organ"], "image_id": row["image_id"],
                          "crop": crop_side})
     buffer = io.BytesIO()
-    # a photo sheet: zlib's fastest level, and run-length matching, which finds as much as longer matches in
-    # filtered photo rows at a fraction of their cost
-    sheet.save(buffer, format="PNG", compress_level=1, compress_type=zlib.Z_RLE)
+    sheet.save(buffer, format="JPEG", quality=GALLERY_QUALITY)  # a photo sheet of JPEG tiles: a fraction of PNG's cost
     write_atomic(path, buffer.getvalue())
     return captions
 
@@ -322,8 +327,9 @@ def write_dataset_card(
     candidates = gallery_candidates(main_files)
     galleries = {}
     for scale in SCALES:
+        (out_dir / "assets" / f"gallery_{scale}.png").unlink(missing_ok=True)  # an earlier version's sheet
         captions = gallery(pick_gallery(candidates.get(scale, []), options.seed), scale,
-                           out_dir / "assets" / f"gallery_{scale}.png")
+                           out_dir / "assets" / f"gallery_{scale}.jpg")
         if captions:
             galleries[scale] = captions
     metadata = {
@@ -375,7 +381,7 @@ def write_dataset_card(
     return path
 
 
-class _PlainDumper(yaml.SafeDumper):
+class _PlainDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # libyaml's emitter where PyYAML has it
     """Writes repeated structures (the features of every config) in full: no YAML anchors."""
 
     def ignore_aliases(self, data) -> bool:
