@@ -6,7 +6,8 @@
 Alternates, for --repeats rounds, (a) the whole `cpia convert` on a one-entry catalog holding the
 slide, in a child process (start-up and imports, the worker, the unit, packing full + mini, the card),
 and (b) the unit of work alone (`convert_unit`: tiles of all scales, JPEG, the Parquet unit file),
-timed inside a child process after its imports (the slide readers' too). The fixed cost is the difference of the medians. Also
+timed inside a child process after its imports (the slide readers' too). The fixed cost is the difference of the medians
+(and, less sensitive to other load on the machine, of the fastest rounds). Also
 prints the CPU of the card alone (rewritten on the run's output in a child process) and of the imports a
 convert run starts with, and which heavy packages they load.
 The slide is the one benchmarks/peers.py builds (cached in --out).
@@ -34,7 +35,8 @@ import peers  # noqa: E402  (the slide, the catalog and the measured child runs)
 HEAVY = ("datasets", "pandas", "matplotlib", "torch", "huggingface_hub", "dask", "distributed", "sklearn", "scipy")
 
 UNIT = """
-import json, resource, sys, time
+import json, os, resource, sys, time
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `cpia convert` runs (cpia_hf.cli.ONE_BLAS_THREAD)
 from pathlib import Path
 from cpia_hf.dataset.catalog import load_catalog
 from cpia_hf.dataset.units import ConvertOptions, convert_unit, discover_units
@@ -73,7 +75,8 @@ print(json.dumps(dict(cpu=cpu() - start)))
 """
 
 IMPORTS = """
-import json, resource, sys
+import json, os, resource, sys
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `cpia convert` runs (cpia_hf.cli.ONE_BLAS_THREAD)
 before = set(sys.modules)
 import cpia_hf.cli
 from cpia_hf.cli import build_parser
@@ -111,7 +114,7 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=16000)
     parser.add_argument("--height", type=int, default=12000)
     parser.add_argument("--mpp", type=float, default=0.2527)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--python", type=Path, default=Path(sys.executable), help="the Python with cpia-hf")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "cpia-hf-peers",
                         help="where the slide is cached")
@@ -145,6 +148,8 @@ def main() -> int:
     print(f"  unit of work         {statistics.median(unit):6.2f} CPU-s"
           f"   rounds: {', '.join(f'{c:.2f}' for c in unit)}")
     print(f"  fixed cost           {fixed:6.2f} CPU-s (whole run minus unit of work)")
+    print(f"  fixed cost, best     {min(whole) - min(unit):6.2f} CPU-s (fastest whole run minus fastest unit of work: "
+          "a busy machine only adds CPU)")
     print(f"  of which the card    {statistics.median(card):6.2f} CPU-s (README, organ chart, galleries; rewritten alone)")
     print(f"  start-up imports     {imports['cpu']:6.2f} CPU-s (python, `cpia convert` parser); heavy packages loaded: "
           f"{', '.join(imports['heavy']) or 'none'}")
