@@ -46,3 +46,12 @@ def test_convert_runs_numpy_blas_on_one_thread(monkeypatch, capsys) -> None:
     probe = subprocess.run([sys.executable, "-c", "import sys, cpia_hf.cli; print('numpy' in sys.modules)"],
                            capture_output=True, text=True)
     assert probe.stdout.strip() == "False"
+
+
+def test_train_as_a_module_answers_bad_input_in_one_line(tmp_path: Path) -> None:
+    """`accelerate launch -m cpia_hf.train` runs `python -m cpia_hf.train`: the same one-line errors as `cpia train`."""
+    done = subprocess.run([sys.executable, "-m", "cpia_hf.train", "--method", "mae", "--data", str(tmp_path / "absent"),
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith("cpia train: error: ") and str(tmp_path / "absent") in done.stderr

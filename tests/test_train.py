@@ -585,6 +585,9 @@ def test_recipe_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_text("method: mae\nmethod_options: {temperature: 0.2}\n")
     with pytest.raises(ValueError, match="mae: unknown method option.*temperature"):
         cli.build_config(parse(["--recipe", str(bad), "--data", "x", "--out", "y"]))
+    bad.write_text("method: mae\nepochs: 400\nbase_lr: 1.5e-4\nepochs: 4\n")  # plain YAML would take 4 silently
+    with pytest.raises(ValueError, match="bad.yaml: line 4: duplicate key 'epochs' \\(first given at line 2\\)"):
+        cli.build_config(parse(["--recipe", str(bad), "--data", "x", "--out", "y"]))
 
 
 def test_train_runs_from_a_recipe(dataset_dir: Path, tmp_path: Path) -> None:

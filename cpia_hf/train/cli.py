@@ -14,6 +14,7 @@ import yaml
 from accelerate import PartialState
 
 from ..dataset.card import pretraining_record
+from ..dataset.catalog import read_yaml
 from ..hub import push_folder, require_push_access
 from ..model.backbone import load_backbone_from_checkpoint
 from ..model.card import ModelCardContext
@@ -144,7 +145,10 @@ def load_recipe(path: Path) -> dict:
     """A recipe file: TrainConfig fields, with `augment` and `method_options` as mappings."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: recipe file not found")
-    recipe = yaml.safe_load(path.read_text()) or {}
+    try:
+        recipe = read_yaml(path) or {}
+    except yaml.YAMLError as error:  # a duplicate key (which plain YAML would keep the last of) or bad syntax
+        raise ValueError(f"{path}: {' '.join(str(error).split())}") from error
     if not isinstance(recipe, dict):
         raise ValueError(f"{path}: a recipe is a mapping of TrainConfig fields")
     known = {f.name for f in fields(TrainConfig)}
@@ -247,10 +251,11 @@ def publish_run(cfg: TrainConfig, card_context: ModelCardContext) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m cpia_hf.train` and `accelerate launch -m cpia_hf.train`."""
-    parser = argparse.ArgumentParser(prog="cpia train", description=__doc__)
-    configure_train(parser)
-    return run_train(parser.parse_args(argv))
+    """Entry point of `python -m cpia_hf.train` and `accelerate launch -m cpia_hf.train`: the `cpia train` command,
+    with its one-line errors and its handling of Ctrl-C and SIGTERM."""
+    from ..cli import main as cpia_main
+
+    return cpia_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
