@@ -18,7 +18,7 @@ from cpia_hf.dataset.slide.means import area_mean, integral
 from cpia_hf.dataset.slide.header import MAX_MASK_PIXELS, MAX_SLIDE_PIXELS, SlideError
 from cpia_hf.dataset.slide.readers import open_slide_info
 from cpia_hf.dataset.slide.tiles import iter_slide_tiles
-from cpia_hf.demo.synth import he_like_image, write_claimed_size_tiff, write_slide
+from cpia_hf.demo.synth import corrupt_tile, he_like_image, write_claimed_size_tiff, write_slide
 
 
 def tiled_tiff(path, width, height, resolution, unit):
@@ -222,3 +222,24 @@ def test_each_slide_fault_is_one_line_of_the_run(tmp_path):
                          ("wsi/grey.tiff", "greyscale image")]:
         assert [line for line in lines if name in line] == [line for line in lines if name in line and reason in line]
         assert len([line for line in lines if name in line]) == 1, (name, result.stdout, result.stderr)
+
+
+def test_a_slide_with_several_unreadable_regions_is_one_line_of_the_run(tmp_path):
+    """Damaged level-0 tiles in two XL cells: the slide's readable tiles convert, and the run names the slide once,
+    with its first read error and how many more there were."""
+    sources = tmp_path / "sources" / "wsi"
+    sources.mkdir(parents=True)
+    damaged = write_slide(sources / "damaged.svs", he_like_image(4200, 4000, seed=2, tissue=0.9), 0.5)
+    for column, row in ((2, 2), (15, 3)):  # in cells (0,0) and (1,0)
+        corrupt_tile(damaged, column, row)
+    write_slide(sources / "good.svs", he_like_image(2048, 1536, seed=7, tissue=0.9), 0.5)
+    result = convert_wsi_sources(tmp_path)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if "damaged.svs" in line]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("  [w] wsi/damaged.svs: cell (0,0) region x=0 y=0 w=3795 h=3795: "), lines
+    assert lines[0].endswith("blocks of 384 px unreadable, the tiles touching them are dropped (and 1 more "
+                             "unreadable region in this slide)"), lines
+    files = {name for path in (tmp_path / "out" / "data" / "full").rglob("*.parquet")
+             for name in pq.read_table(path, columns=["source_file"]).column("source_file").to_pylist()}
+    assert files == {"wsi/damaged.svs", "wsi/good.svs"}  # the rest of the damaged slide converted

@@ -510,7 +510,6 @@ def _wsi_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Iterat
     )
     try:
         for tile in tiles:
-            yield from _drain(file, cell_errors)
             yield {
                 "image": {"bytes": encode_jpeg(tile.pixels, options.jpeg_quality), "path": None},
                 "image_id": tile.image_id,
@@ -529,16 +528,17 @@ def _wsi_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Iterat
                 **meta,
             }
     except SlideError as error:
-        yield from _drain(file, cell_errors)
-        yield Failure(file, error.reason)
+        yield Failure(file, _read_errors_reason([error.reason, *cell_errors]))
         return
-    yield from _drain(file, cell_errors)
+    if cell_errors:
+        yield Failure(file, _read_errors_reason(cell_errors))
 
 
-def _drain(file: str, reasons: list[str]) -> Iterator[Failure]:
-    """The failures of `file` reported so far, each once."""
-    while reasons:
-        yield Failure(file, reasons.pop(0))
+def _read_errors_reason(reasons: list[str]) -> str:
+    """One reason for every read error of a slide (the summary gives a file one line): the first, and how many more
+    regions failed (the rest of the slide is converted; the whole slide is tried again on the next run)."""
+    more = len(reasons) - 1
+    return reasons[0] + (f" (and {more} more unreadable region{'s' if more > 1 else ''} in this slide)" if more else "")
 
 
 def _roi_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Iterator[Row | Failure]:
