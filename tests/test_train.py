@@ -811,8 +811,8 @@ def test_dataloader_workers_die_with_a_killed_train(sig: str, dataset_dir: Path,
         while any(alive(pid) for pid in workers) and time.monotonic() < killed + 5:
             time.sleep(0.05)
         # torch's own worker loop notices a dead parent at its next poll, up to 5 s later; the kernel's
-        # parent-death signal ends them at once
-        assert [pid for pid in workers if alive(pid)] == [] and time.monotonic() - killed < 1.0
+        # parent-death signal ends them at once (the bound leaves room for a loaded machine)
+        assert [pid for pid in workers if alive(pid)] == [] and time.monotonic() - killed < 2.5
     finally:
         if process.poll() is None:
             process.kill()
