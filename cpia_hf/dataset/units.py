@@ -480,7 +480,8 @@ def _metadata(entry: CatalogEntry) -> dict:
 
 
 def _unit_items(unit: Unit, source_root: Path, options: ConvertOptions) -> Iterator[Row | Failure]:
-    """A unit's rows, and a Failure for each file (or part of a slide) that gives none, in the order met."""
+    """A unit's rows, and one Failure for each file that gives none or, for a slide with unreadable regions, not all
+    of them, in the order met."""
     if unit.entry.kind == "wsi":
         yield from _wsi_items(unit, source_root, options)
     else:
