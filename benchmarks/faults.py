@@ -389,7 +389,7 @@ class Bench:
     def output_in_sources(self) -> Outcome:
         sources, out = self.case_dir()
         catalog = yaml.safe_load((sources / "catalog.yaml").read_text())
-        catalog["entries"][1]["pattern"] = "**/*.png"  # would match the output's gallery images
+        catalog["entries"][1]["pattern"] = "**/*.png"  # would match the output's organ chart
         (sources / "catalog.yaml").write_text(yaml.safe_dump(catalog))
         inside = sources / "roi" / "built"
         first = run(convert_args(sources, inside))

@@ -35,8 +35,9 @@ import peers  # noqa: E402  (the slide, the catalog and the measured child runs)
 HEAVY = ("datasets", "pandas", "matplotlib", "torch", "huggingface_hub", "dask", "distributed", "sklearn", "scipy")
 
 UNIT = """
-import json, os, resource, sys, time
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `cpia convert` runs (cpia_hf.cli.ONE_BLAS_THREAD)
+import json, resource, sys, time
+from cpia_hf.cli import set_up_process
+set_up_process("convert")  # as `cpia convert` runs (before numpy is imported)
 from pathlib import Path
 from cpia_hf.dataset.catalog import load_catalog
 from cpia_hf.dataset.units import ConvertOptions, convert_unit, discover_units
@@ -75,9 +76,10 @@ print(json.dumps(dict(cpu=cpu() - start)))
 """
 
 IMPORTS = """
-import json, os, resource, sys
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `cpia convert` runs (cpia_hf.cli.ONE_BLAS_THREAD)
+import json, resource, sys
 before = set(sys.modules)
+from cpia_hf.cli import set_up_process
+set_up_process("convert")  # as `cpia convert` runs (before numpy is imported)
 import cpia_hf.cli
 from cpia_hf.cli import build_parser
 build_parser("convert")

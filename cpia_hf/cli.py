@@ -24,6 +24,12 @@ COMMANDS = {
 ONE_BLAS_THREAD = ("convert",)
 
 
+def set_up_process(command: str | None) -> None:
+    """The process settings of `command`, made before numpy is imported; an explicit setting wins."""
+    if command in ONE_BLAS_THREAD:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the chosen subcommand's module is imported (training pulls in torch)."""
     parser = argparse.ArgumentParser(prog="cpia", description=__doc__)
@@ -41,8 +47,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    if command in ONE_BLAS_THREAD:  # before numpy is imported; an explicit setting wins
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    set_up_process(command)
     try:
         with stop_on_signals():  # Ctrl-C, SIGTERM, SIGHUP: workers killed, lock released, one line
             return _run(command, argv)

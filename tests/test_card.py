@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -193,3 +194,20 @@ def test_a_conversion_never_imports_matplotlib_or_pandas_nor_without_bars_tqdm(d
     assert (out / "assets" / "organ_composition.png").is_file() and (out / "assets" / "gallery_M.jpg").is_file()
     assert not log.exists(), log.read_text()
     assert json.loads((out / "stats.json").read_text()) == json.loads((demo_build / "dataset" / "stats.json").read_text())
+
+
+def test_the_card_leaves_only_the_gallery_sheets_it_shows(demo_build: Path, tmp_path: Path) -> None:
+    from cpia_hf.dataset.card import write_dataset_card
+    from cpia_hf.dataset.catalog import load_catalog
+    from cpia_hf.dataset.mini import DEFAULT_MINI_FRACTION
+    from cpia_hf.dataset.units import ConvertOptions
+
+    out = tmp_path / "dataset"
+    shutil.copytree(demo_build / "dataset", out)
+    (out / "assets" / "gallery_M.png").write_bytes(b"an earlier version's sheet")
+    (out / "assets" / "gallery_XXL.jpg").write_bytes(b"a scale without rows now")
+    write_dataset_card(out, load_catalog(demo_build / "sources" / "catalog.yaml"), configs=("full", "mini"),
+                       mini_fraction=DEFAULT_MINI_FRACTION, options=ConvertOptions())
+    assert sorted(p.name for p in (out / "assets").iterdir()) == [
+        "gallery_L.jpg", "gallery_M.jpg", "gallery_S.jpg", "gallery_XL.jpg", "organ_composition.png"]
+    assert (out / "README.md").read_text() == (demo_build / "dataset" / "README.md").read_text()

@@ -1,4 +1,4 @@
-"""An output folder inside a source folder is not read as sources (its gallery images would match ROI patterns)."""
+"""An output folder inside a source folder is not read as sources (its card's images would match ROI patterns)."""
 from __future__ import annotations
 
 import shutil

@@ -27,6 +27,7 @@ from ..standard import FOLDERS, RELEASE_FOLDERS, SCALE_SIDES, SCALES, STANDARD_M
 from .catalog import CatalogEntry, subset_slug
 from .coverage import count_rows, coverage, coverage_section
 from .licences import gating_metadata, hub_licence_metadata, licence_file
+from .shards import remove_stale
 from .tissue import WHITE_LEVEL
 from .units import write_atomic
 
@@ -288,6 +289,10 @@ def gallery_tile(encoded: Image.Image, crop: int | None) -> tuple[Image.Image, i
     return image.resize((GALLERY_TILE, GALLERY_TILE), Image.Resampling.LANCZOS), crop_side
 
 
+def gallery_path(out_dir: Path, scale: str) -> Path:
+    return out_dir / "assets" / f"gallery_{scale}.jpg"
+
+
 def gallery(rows: list[dict], scale: str, path: Path) -> list[dict]:
     """A sheet of the picked tiles (XL/L as tissue-centred crops) at GALLERY_TILE px; returns the captions."""
     if not rows:
@@ -327,11 +332,11 @@ def write_dataset_card(
     candidates = gallery_candidates(main_files)
     galleries = {}
     for scale in SCALES:
-        (out_dir / "assets" / f"gallery_{scale}.png").unlink(missing_ok=True)  # an earlier version's sheet
-        captions = gallery(pick_gallery(candidates.get(scale, []), options.seed), scale,
-                           out_dir / "assets" / f"gallery_{scale}.jpg")
+        captions = gallery(pick_gallery(candidates.get(scale, []), options.seed), scale, gallery_path(out_dir, scale))
         if captions:
             galleries[scale] = captions
+    # sheets this card does not show: a scale without rows now, an earlier version's PNG sheets
+    remove_stale(out_dir / "assets", "gallery_*", {gallery_path(out_dir, scale) for scale in galleries})
     metadata = {
         "pretty_name": "CPIA",
         "task_categories": ["image-feature-extraction", "image-classification"],
